@@ -1,0 +1,46 @@
+"""The one error hierarchy of vmtransport.
+
+    VMTransportError                 anything this package raises on purpose
+     +-- UsageError                  the caller's fault; the CLI exits 2
+     |    +-- URIError               a URI that does not parse or names no transport
+     +-- PluginError                 a plugin that cannot be registered (duplicate scheme...)
+     +-- TransportError              I/O failed while opening, moving or committing; exit 1
+     |    +-- CommandError           an exec: command exited non-zero
+     +-- StreamError                 the bytes are not (a complete) QEMU stream or image
+
+Every message names the input it is about and the reason, on one line.
+"""
+
+from __future__ import annotations
+
+
+class VMTransportError(Exception):
+    """Base class of every error vmtransport raises deliberately."""
+
+    exit_code: int = 1
+
+
+class UsageError(VMTransportError):
+    """Bad arguments: the caller can fix it by changing the command line."""
+
+    exit_code = 2
+
+
+class URIError(UsageError):
+    """A URI that does not parse, names an unknown scheme or carries bad options."""
+
+
+class PluginError(VMTransportError):
+    """A plugin could not be registered."""
+
+
+class TransportError(VMTransportError):
+    """A transport failed to open, move or commit a stream."""
+
+
+class CommandError(TransportError):
+    """An exec: command failed; the message carries the tail of its stderr."""
+
+
+class StreamError(VMTransportError):
+    """Data that is not a QEMU migration stream, or one that ended early."""

@@ -1,0 +1,128 @@
+"""The transport contract: what a URI scheme provides, and the two stream ends.
+
+A transport turns a parsed URI into a *sink* (save direction: QEMU's outgoing stream is
+written into it) or a *source* (restore direction: the stream is read from it).
+
+Blocking rules (docs/semantics.md): sinks block and are driven from worker threads;
+sources are async and never block the trio event loop.
+
+Buffers handed to :meth:`Sink.write` and :meth:`Source.readinto` are page aligned
+(mmap) and, except for the last write of a stream, a multiple of 1 MiB long, so
+O_DIRECT transports can use them as they are.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from typing import ClassVar
+
+from ._errors import URIError
+from ._uri import URI, parse_uri
+
+
+class Sink(abc.ABC):
+    """Where a stream goes (save direction). Exactly one of commit or abort ends it.
+
+    Methods block and are called from one worker thread at a time, never from an event
+    loop: QEMU's outgoing channels are blocking too (its migration runs in a thread).
+    """
+
+    @abc.abstractmethod
+    def write(self, data: memoryview) -> None:
+        """Write all of ``data``. Only the last write may have an unaligned length."""
+
+    @abc.abstractmethod
+    def commit(self) -> None:
+        """The stream is complete: make it durable and visible under its final name."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """The stream failed: undo (remove temporaries, stop children). Never raises."""
+
+
+class Source(abc.ABC):
+    """Where a stream comes from (restore direction). Exactly one of commit or abort ends it.
+
+    Methods are async and never block the trio event loop: pipes and sockets are read
+    non-blocking, regular files from worker threads. QEMU's incoming side works the same
+    way (its load runs in a coroutine on the main loop).
+    """
+
+    @abc.abstractmethod
+    async def readinto(self, buf: memoryview) -> int:
+        """Read up to ``len(buf)`` bytes into ``buf``; 0 if and only if end of stream."""
+
+    async def commit(self) -> None:
+        """End of stream reached; raise if the producer reports failure (exit status)."""
+
+    async def abort(self) -> None:
+        """Reading stopped early: release resources. Never raises."""
+
+
+class Transport(abc.ABC):
+    """One URI scheme. Subclasses set :attr:`scheme` and :attr:`options`.
+
+    Constructing a transport validates the URI (no I/O); opening does the I/O.
+    """
+
+    scheme: ClassVar[str]
+    #: one-line description for ``vmtransport plugins``
+    summary: ClassVar[str] = ""
+    #: option name -> help text; anything else is refused
+    options: ClassVar[Mapping[str, str]] = {}
+    #: the target is a command line taken verbatim (no ``,key=value`` options)
+    raw_target: ClassVar[bool] = False
+
+    def __init__(self, uri: URI) -> None:
+        if uri.scheme != self.scheme:
+            raise URIError(f"{uri}: transport {self.scheme!r} cannot handle {uri.scheme!r}")
+        for key in uri.options:
+            if key not in self.options:
+                known = ", ".join(sorted(self.options)) or "none"
+                raise URIError(f"unknown option {key!r} in URI {str(uri)!r} (known: {known})")
+        self.uri = uri
+
+    @classmethod
+    def parse(cls, text: str) -> URI:
+        return parse_uri(text, raw=cls.raw_target)
+
+    def int_option(self, name: str, default: int, *, multiple_of: int = 1) -> int:
+        raw = self.uri.options.get(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw, 0)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise URIError(
+                f"option {name}={raw!r} in URI {str(self.uri)!r}: expected a non-negative integer"
+            )
+        if value % multiple_of:
+            raise URIError(
+                f"option {name}={raw!r} in URI {str(self.uri)!r}: must be a multiple of "
+                f"{multiple_of}"
+            )
+        return value
+
+    def choice_option(self, name: str, choices: tuple[str, ...]) -> str:
+        """The option's value, or the first choice (the default) when absent."""
+        raw = self.uri.options.get(name, choices[0])
+        if raw not in choices:
+            raise URIError(
+                f"option {name}={raw!r} in URI {str(self.uri)!r}: expected one of "
+                f"{', '.join(choices)}"
+            )
+        return raw
+
+    @abc.abstractmethod
+    def open_sink(self) -> Sink:
+        """Open for writing a stream (save direction). May block: call from a thread."""
+
+    @abc.abstractmethod
+    async def open_source(self) -> Source:
+        """Open for reading a stream (restore direction)."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.uri}>"

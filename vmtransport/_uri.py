@@ -1,0 +1,98 @@
+"""Parse ``scheme:target[,key=value...]`` into an immutable value. No I/O here.
+
+QEMU's option syntax: options follow the target after commas, and a literal comma
+inside the target is written twice (``file:/a,,b`` is the file ``/a,b``). Schemes
+whose target is a command line (``exec:``) take the rest verbatim: ``raw=True``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from ._errors import URIError
+
+_SCHEME = re.compile(r"[a-z][a-z0-9+.\-]*\Z")
+_KEY = re.compile(r"[a-z][a-z0-9_\-]*\Z")
+
+
+def _frozen(d: Mapping[str, str]) -> Mapping[str, str]:
+    return MappingProxyType(dict(d))
+
+
+@dataclass(frozen=True)
+class URI:
+    """A parsed transport URI. ``options`` is a read-only mapping."""
+
+    scheme: str
+    target: str
+    options: Mapping[str, str] = field(default_factory=lambda: _frozen({}))
+    text: str = ""
+
+    def __str__(self) -> str:
+        return self.text or f"{self.scheme}:{self.target}"
+
+    def __hash__(self) -> int:
+        return hash((self.scheme, self.target, tuple(sorted(self.options.items()))))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, URI):
+            return NotImplemented
+        return (self.scheme, self.target, dict(self.options)) == (
+            other.scheme,
+            other.target,
+            dict(other.options),
+        )
+
+
+def split_scheme(text: str) -> tuple[str, str]:
+    """Return ``(scheme, rest)``; raise URIError quoting ``text`` when it has no scheme."""
+    scheme, sep, rest = text.partition(":")
+    if not sep or not scheme:
+        raise URIError(f"not a URI {text!r}: expected SCHEME:TARGET, e.g. odirect:/var/lib/a.sav")
+    if not _SCHEME.match(scheme):
+        raise URIError(f"bad scheme {scheme!r} in URI {text!r}")
+    return scheme, rest
+
+
+def _segments(rest: str) -> Iterator[str]:
+    """Split on single commas; ``,,`` is an escaped comma."""
+    buf: list[str] = []
+    i = 0
+    while i < len(rest):
+        c = rest[i]
+        if c == ",":
+            if rest.startswith(",,", i):
+                buf.append(",")
+                i += 2
+                continue
+            yield "".join(buf)
+            buf = []
+        else:
+            buf.append(c)
+        i += 1
+    yield "".join(buf)
+
+
+def parse_uri(text: str, *, raw: bool = False) -> URI:
+    """Parse ``text``. With ``raw`` the whole rest after the scheme is the target."""
+    scheme, rest = split_scheme(text)
+    if raw:
+        if not rest.strip():
+            raise URIError(f"empty target in URI {text!r}")
+        return URI(scheme, rest, _frozen({}), text)
+    parts = list(_segments(rest))
+    target, opts = parts[0], parts[1:]
+    if not target:
+        raise URIError(f"empty target in URI {text!r}")
+    options: dict[str, str] = {}
+    for opt in opts:
+        key, eq, value = opt.partition("=")
+        if not eq or not _KEY.match(key):
+            raise URIError(f"malformed option {opt!r} in URI {text!r}: expected key=value")
+        if key in options:
+            raise URIError(f"option {key!r} given twice in URI {text!r}")
+        options[key] = value
+    return URI(scheme, target, _frozen(options), text)

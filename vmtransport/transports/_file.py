@@ -1,0 +1,69 @@
+"""``file:PATH[,offset=N]`` — buffered regular-file I/O."""
+
+from __future__ import annotations
+
+import os
+from typing import final
+
+from .._io import FdSource, io_error, write_all
+from .._transport import Sink, Source, Transport
+from .._uri import URI
+from ._target import AtomicTarget
+
+
+@final
+class FileSink(Sink):
+    def __init__(self, target: AtomicTarget) -> None:
+        self._target = target
+        self._written = 0
+
+    def write(self, data: memoryview) -> None:
+        try:
+            write_all(self._target.fd, data)
+        except OSError as exc:
+            raise io_error(f"writing {self._target.label}", exc) from exc
+        self._written += len(data)
+
+    def commit(self) -> None:
+        self._target.commit(self._written)
+
+    def abort(self) -> None:
+        self._target.abort()
+
+
+def open_for_reading(path: str, offset: int, label: str, extra_flags: int = 0) -> int:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | extra_flags)
+    except OSError as exc:
+        raise io_error(f"opening {label}", exc) from exc
+    try:
+        if offset:
+            os.lseek(fd, offset, os.SEEK_SET)
+    except OSError as exc:
+        os.close(fd)
+        raise io_error(f"seeking {label}", exc) from exc
+    return fd
+
+
+@final
+class FileTransport(Transport):
+    scheme = "file"
+    summary = "regular file, buffered; saves are atomic (temporary + rename)"
+    options = {"offset": "byte offset of the stream in the file (bytes before it are kept)"}
+
+    def __init__(self, uri: URI) -> None:
+        super().__init__(uri)
+        self.offset = self.int_option("offset", 0)
+
+    def open_sink(self) -> Sink:
+        target = AtomicTarget(self.uri.target, self.offset, str(self.uri))
+        target.open()
+        return FileSink(target)
+
+    async def open_source(self) -> Source:
+        fd = open_for_reading(self.uri.target, self.offset, str(self.uri))
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except OSError:
+            pass
+        return FdSource(fd, str(self.uri))

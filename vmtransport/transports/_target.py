@@ -1,0 +1,135 @@
+"""Write a path atomically: a 0600 temporary beside it, renamed over it on commit only."""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from .._errors import TransportError
+from .._io import drop_cache, io_error
+
+
+class AtomicTarget:
+    """The file a save writes to.
+
+    Regular files (and paths that do not exist yet) are written to a temporary created
+    exclusively beside them (O_EXCL|O_NOFOLLOW, mode 0600) and renamed over the final
+    name on success only; devices and FIFOs are written in place. With ``offset`` the
+    first ``offset`` bytes of an existing file are carried over into the temporary (zeros
+    when the file does not exist), as QEMU's ``file:PATH,offset=N`` leaves them alone.
+    """
+
+    def __init__(self, path: str, offset: int, label: str) -> None:
+        self.path = Path(path)
+        self.offset = offset
+        self.label = label
+        self.tmp: Path | None = None
+        self.fd = -1
+
+    def open(self) -> int:
+        parent = self.path.parent
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            raise io_error(f"{self.label}", exc) from exc
+        if st is not None and (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                               or stat.S_ISFIFO(st.st_mode)):
+            try:
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                if self.offset and not stat.S_ISFIFO(st.st_mode):
+                    os.lseek(self.fd, self.offset, os.SEEK_SET)
+            except OSError as exc:
+                raise io_error(f"opening {self.label}", exc) from exc
+            return self.fd
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise TransportError(f"cannot save to {self.label}: {self.path} is a directory")
+        if not parent.is_dir():
+            raise TransportError(
+                f"cannot save to {self.label}: directory {parent} does not exist"
+            )
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        for _ in range(100):
+            tmp = parent / f".{self.path.name}.{secrets.token_hex(4)}.vmtransport-tmp"
+            try:
+                self.fd = os.open(tmp, flags, 0o600)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise io_error(f"creating a temporary file for {self.label}", exc) from exc
+            self.tmp = tmp
+            break
+        else:
+            raise TransportError(f"cannot create a temporary file beside {self.path}")
+        try:
+            if self.offset:
+                self._carry_prefix(st is not None and stat.S_ISREG(st.st_mode))
+        except OSError as exc:
+            self.abort()
+            raise io_error(f"preparing {self.label}", exc) from exc
+        except BaseException:
+            self.abort()
+            raise
+        return self.fd
+
+    def _carry_prefix(self, exists: bool) -> None:
+        os.ftruncate(self.fd, self.offset)
+        if exists:
+            src = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                remaining, pos = self.offset, 0
+                while remaining:
+                    chunk = os.pread(src, min(remaining, 1 << 20), pos)
+                    if not chunk:
+                        break  # shorter file: the rest stays zero, like QEMU's truncate
+                    os.pwrite(self.fd, chunk, pos)
+                    pos += len(chunk)
+                    remaining -= len(chunk)
+            finally:
+                os.close(src)
+        os.fdatasync(self.fd)
+        drop_cache(self.fd, 0, self.offset)
+        os.lseek(self.fd, self.offset, os.SEEK_SET)
+
+    def commit(self, length: int) -> None:
+        """Sync, close and (for temporaries) rename; ``length`` is the stream's length."""
+        try:
+            if self.tmp is not None:
+                os.ftruncate(self.fd, self.offset + length)
+            try:
+                os.fdatasync(self.fd)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EROFS):
+                    raise
+            os.close(self.fd)
+            self.fd = -1
+            if self.tmp is not None:
+                os.rename(self.tmp, self.path)
+                self.tmp = None
+                dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+        except OSError as exc:
+            self.abort()
+            raise io_error(f"committing {self.label}", exc) from exc
+
+    def abort(self) -> None:
+        """Remove the temporary; the final name is untouched. Never raises."""
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
+        if self.tmp is not None:
+            try:
+                os.unlink(self.tmp)
+            except OSError:
+                pass
+            self.tmp = None
