@@ -85,7 +85,9 @@ async def _run(job: Callable[[], Awaitable[PumpStats]]) -> PumpStats:
 
 def _unwrap(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        inner = [e for e in exc.exceptions if isinstance(e, VMTransportError)]
+        inner: list[BaseException] = [
+            e for e in exc.exceptions if isinstance(e, VMTransportError)
+        ]
         exc = (inner or list(exc.exceptions))[0]
     return exc
 

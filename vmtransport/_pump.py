@@ -55,6 +55,16 @@ def _write_chunk(sink: Sink, taps: Sequence[Tap], buf: mmap.mmap, n: int) -> Non
         sink.write(view)
 
 
+def _close_pool(pool: Sequence[mmap.mmap]) -> None:
+    for b in pool:
+        try:
+            b.close()
+        except BufferError:
+            # An error's traceback still holds a slice of it (write_all's ``data``): the
+            # mapping is freed with that traceback. Raising here would mask the error.
+            pass
+
+
 def _check_geometry(buffer_size: int, buffers: int) -> None:
     if buffer_size % mmap.PAGESIZE or buffer_size <= 0 or buffers < 2:
         raise ValueError(f"bad pump geometry: {buffers} x {buffer_size} bytes")
@@ -131,8 +141,7 @@ def pump_fd(
         sink.abort()
         raise
     finally:
-        for b in pool:
-            b.close()
+        _close_pool(pool)
     return PumpStats(total, time.monotonic() - start)
 
 
@@ -208,6 +217,5 @@ async def pump(
             await source.abort()
         raise
     finally:
-        for b in pool:
-            b.close()
+        _close_pool(pool)
     return PumpStats(total, time.monotonic() - start)

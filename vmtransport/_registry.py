@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
+from typing import cast
 
 import pluggy
 
@@ -51,25 +52,32 @@ class Registry:
                 if ep.name in blocked or "all" in blocked or pm.has_plugin(ep.name):
                     continue
                 try:
-                    plugin = ep.load()
-                except Exception as exc:
+                    pm.register(ep.load(), name=ep.name)
+                except Exception as exc:  # ImportError, pluggy.PluginValidationError...
                     raise PluginError(
                         f"cannot load plugin {ep.name!r} ({ep.value}): {exc}"
                     ) from exc
-                pm.register(plugin, name=ep.name)
                 dist = f" ({ep.dist.name} {ep.dist.version})" if ep.dist else ""
                 origins[ep.name] = f"entry point {ep.name}{dist}"
-        pm.check_pending()
+        try:
+            pm.check_pending()  # a hook name no spec knows (a typo) in any plugin
+        except pluggy.PluginValidationError as exc:
+            name = pm.get_name(exc.plugin) or repr(exc.plugin)
+            raise PluginError(f"plugin {name!r}: {exc}") from exc
         self._pm = pm
         self._schemes: dict[str, TransportInfo] = {}
         for impl in pm.hook.vmtransport_transports.get_hookimpls():
             name = pm.get_name(impl.plugin) or repr(impl.plugin)
-            for cls in impl.function():
-                self._add(TransportInfo(cls.scheme, cls, name, origins.get(name, "?")))
+            classes = cast(Sequence[type[Transport]], impl.function())
+            for cls in classes:
+                scheme = getattr(cls, "scheme", "?")  # _add refuses what is no Transport
+                self._add(TransportInfo(scheme, cls, name, origins.get(name, "?")))
 
     def _add(self, info: TransportInfo) -> None:
         if not (isinstance(info.transport, type) and issubclass(info.transport, Transport)):
-            raise PluginError(f"plugin {info.plugin!r} returned {info.transport!r}, not a Transport")
+            raise PluginError(
+                f"plugin {info.plugin!r} returned {info.transport!r}, not a Transport"
+            )
         old = self._schemes.get(info.scheme)
         if old is not None:
             raise PluginError(

@@ -53,9 +53,11 @@ class Source(abc.ABC):
     async def readinto(self, buf: memoryview) -> int:
         """Read up to ``len(buf)`` bytes into ``buf``; 0 if and only if end of stream."""
 
+    @abc.abstractmethod
     async def commit(self) -> None:
         """End of stream reached; raise if the producer reports failure (exit status)."""
 
+    @abc.abstractmethod
     async def abort(self) -> None:
         """Reading stopped early: release resources. Never raises."""
 

@@ -95,7 +95,9 @@ class ExecSink(Sink):
         except TransportError:
             # A broken pipe means the command went away: its status says more.
             self._out.abort()
-            raise self._child.failure(self._child.wait(), " before taking the whole stream")
+            raise self._child.failure(
+                self._child.wait(), " before taking the whole stream"
+            ) from None
 
     def commit(self) -> None:
         try:

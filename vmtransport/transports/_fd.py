@@ -34,7 +34,9 @@ def named_fd(name: str, label: str) -> int:
         if n == name:
             return _LISTEN_FDS_START + i
     have = ", ".join(names[:count]) or "none"
-    raise TransportError(f"{label}: no descriptor named {name!r} was passed (LISTEN_FDNAMES: {have})")
+    raise TransportError(
+        f"{label}: no descriptor named {name!r} was passed (LISTEN_FDNAMES: {have})"
+    )
 
 
 @final

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import final
+from collections.abc import Mapping
+from typing import ClassVar, final
 
 from .._io import FdSource, io_error, write_all
 from .._transport import Sink, Source, Transport
@@ -49,7 +50,9 @@ def open_for_reading(path: str, offset: int, label: str, extra_flags: int = 0) -
 class FileTransport(Transport):
     scheme = "file"
     summary = "regular file, buffered; saves are atomic (temporary + rename)"
-    options = {"offset": "byte offset of the stream in the file (bytes before it are kept)"}
+    options: ClassVar[Mapping[str, str]] = {
+        "offset": "byte offset of the stream in the file (bytes before it are kept)"
+    }
 
     def __init__(self, uri: URI) -> None:
         super().__init__(uri)

@@ -13,7 +13,8 @@ import errno
 import fcntl
 import logging
 import os
-from typing import final
+from collections.abc import Mapping
+from typing import ClassVar, final
 
 from .._errors import TransportError
 from .._io import DIRECT_ALIGN, FdSource, aligned_buffer, drop_cache, io_error, write_all
@@ -184,7 +185,7 @@ class _DroppingSource(Source):
 class ODirectTransport(Transport):
     scheme = "odirect"
     summary = "regular file or block device with O_DIRECT: saves leave no page cache behind"
-    options = {
+    options: ClassVar[Mapping[str, str]] = {
         "offset": f"byte offset of the stream (a multiple of {DIRECT_ALIGN})",
         "fallback": "what to do where O_DIRECT is refused: buffered (default, warns) or error",
     }

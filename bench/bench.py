@@ -1,0 +1,273 @@
+#!/usr/bin/env python3
+"""Save and restore a real VM of random RAM through vmtransport and the alternatives.
+
+    .venv/bin/python bench/bench.py [--mem-mib 2048] [--rounds 3] [--qemu 7.2,10.0]
+
+Per QEMU version, every round runs each contender once, in turn (alternating, so drift
+hits all alike), with a cold page cache (``drop_caches``) before each run:
+
+save:    the producer's limit (a 1 MiB-pipe discard sink), vmtransport odirect: and
+         file:, ``exec:cat > FILE``, libvirt_iohelper with an O_DIRECT fd, and on QEMU
+         >= 10 native ``file:`` and ``file:`` + mapped-ram + multifd + direct-io.
+restore: the consumer's limit (the image on tmpfs, spliced into a 1 MiB pipe),
+         vmtransport odirect: and file:, ``exec:cat FILE``, ``dd iflag=direct``,
+         libvirt_iohelper with an O_DIRECT fd, and QEMU's native file: loads.
+
+Printed per contender: median seconds (save: QEMU's total-time; restore: from
+migrate-incoming until the destination leaves ``inmigrate``), throughput, the ratio of
+the limit's time to the contender's (1.0 = as fast as the limit), the CPU seconds of the
+helper process (user+sys, via /usr/bin/time; n/a for QEMU-native paths) and how much of
+the image sits in the page cache afterwards (mincore). RAM files live on /dev/shm so
+that only the image touches the disk. Needs root (drop_caches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from qemuvm import VM, files_equal, find_qemus, make_ram_file, qemu_version  # noqa: E402
+
+from vmtransport._pagecache import cached_bytes  # noqa: E402
+
+LIMITS = f"python3 -S {HERE / 'limits.py'}"
+IOHELPER = "/usr/lib/libvirt/libvirt_iohelper"
+VMT = str(Path(sys.executable).parent / "vmtransport")
+GIB = 1 << 30
+
+
+@dataclass
+class Contender:
+    name: str
+    uri: Callable[[Path, Path], str]  # (image, cpu-time file) -> migration URI
+    image: str | None = "img"  # which image file it writes/reads (None: none)
+    min_qemu: int = 7
+    caps: dict[str, bool] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    helper: bool = True  # runs a helper process whose CPU time we measure
+    limit: bool = False
+
+
+def timed(cmd: str, cpu: Path) -> str:
+    return f"exec:/usr/bin/time -f '%U %S' -o {cpu} {cmd}"
+
+
+MAPPED = {"mapped-ram": True, "multifd": True}
+MAPPED_PARAMS = {"multifd-channels": 2, "direct-io": True}
+
+SAVES = [
+    Contender("limit: 1 MiB-pipe discard", lambda i, c: timed(f"{LIMITS} discard", c),
+              image=None, limit=True),
+    Contender("vmtransport save odirect:", lambda i, c: timed(f"{VMT} save odirect:{i}", c)),
+    Contender("vmtransport save file:", lambda i, c: timed(f"{VMT} save file:{i}", c),
+              image="img-file"),
+    Contender("exec:cat > FILE", lambda i, c: timed(f"sh -c 'cat > {i}'", c), image="img-cat"),
+    Contender("libvirt_iohelper (O_DIRECT)",
+              lambda i, c: timed(f"{LIMITS} odirect-exec w {i} {IOHELPER} {i} {{fd}}", c),
+              image="img-iohelper"),
+    Contender("QEMU native file:", lambda i, c: f"file:{i}", image="img-native", min_qemu=10,
+              helper=False),
+    Contender("QEMU file: mapped-ram+multifd(2)+direct-io", lambda i, c: f"file:{i}",
+              image="img-mapped", min_qemu=10, caps=MAPPED, params=MAPPED_PARAMS,
+              helper=False),
+]  # fmt: skip
+
+RESTORES = [
+    Contender("limit: tmpfs image, 1 MiB-pipe splice",
+              lambda i, c: timed(f"{LIMITS} serve /dev/shm/vmtbench-img", c), limit=True),
+    Contender("vmtransport restore odirect:",
+              lambda i, c: timed(f"{VMT} restore odirect:{i}", c)),
+    Contender("vmtransport restore file:", lambda i, c: timed(f"{VMT} restore file:{i}", c)),
+    Contender("exec:cat FILE", lambda i, c: timed(f"cat {i}", c)),
+    Contender("dd iflag=direct bs=1M",
+              lambda i, c: timed(f"dd if={i} iflag=direct bs=1M status=none", c)),
+    Contender("libvirt_iohelper (O_DIRECT)",
+              lambda i, c: timed(f"{LIMITS} odirect-exec r {i} {IOHELPER} {i} {{fd}}", c)),
+    Contender("QEMU native file:", lambda i, c: f"file:{i}", image="img-native", min_qemu=10,
+              helper=False),
+    Contender("QEMU file: mapped-ram+multifd(2)+direct-io", lambda i, c: f"file:{i}",
+              image="img-mapped", min_qemu=10, caps=MAPPED, params=MAPPED_PARAMS,
+              helper=False),
+]  # fmt: skip
+
+
+@dataclass
+class Run:
+    seconds: float
+    cpu: float | None
+    cached: float | None  # fraction of the image in the page cache afterwards
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def read_cpu(path: Path) -> float | None:
+    try:
+        user, sys_ = path.read_text().split()[-2:]
+        return float(user) + float(sys_)
+    except (OSError, ValueError):
+        return None
+
+
+def residency(path: Path) -> float | None:
+    if not path.exists():
+        return None
+    cached, size = cached_bytes(path)
+    return cached / size if size else 0.0
+
+
+def set_caps(vm: VM, c: Contender) -> None:
+    caps = {"events": True, **c.caps}
+    vm.cmd("migrate-set-capabilities",
+           {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]})
+    vm.cmd("migrate-set-parameters", {"max-bandwidth": 100 * GIB, **c.params})
+
+
+def run_save(qemu: str, work: Path, src_ram: Path, mem: int, c: Contender) -> Run:
+    image = work / (c.image or "none")
+    cpu = work / "cpu"
+    image.unlink(missing_ok=True)
+    cpu.unlink(missing_ok=True)
+    with VM(qemu, work, name="src", mem_mib=mem, ram_file=src_ram, paused=True) as vm:
+        drop_caches()
+        set_caps(vm, c)
+        start = time.monotonic()
+        vm.cmd("migrate", {"uri": c.uri(image, cpu)})
+        info = vm.wait_migration(timeout=600, poll=0.01)
+        wall = time.monotonic() - start
+        if info["status"] != "completed":
+            raise RuntimeError(f"{c.name}: migration {info['status']}: {info.get('error-desc')}")
+        # QEMU 7.2 can answer "completed" before it has stored total-time: ask again.
+        time.sleep(0.02)
+        seconds = vm.query_migrate().get("total-time", 0) / 1000 or wall
+    time.sleep(0.05)  # the helper writes its CPU time as it exits
+    return Run(seconds, read_cpu(cpu) if c.helper else None,
+               residency(image) if c.image else None)
+
+
+def run_restore(qemu: str, work: Path, src_ram: Path, mem: int, c: Contender,
+                verify: bool) -> Run:
+    image = work / (c.image or "img")
+    cpu = work / "cpu"
+    cpu.unlink(missing_ok=True)
+    dst_ram = Path("/dev/shm/vmtbench-dst.ram")
+    dst_ram.unlink(missing_ok=True)
+    make_ram_file(dst_ram, mem, random=False)
+    with VM(qemu, work, name="dst", mem_mib=mem, ram_file=dst_ram, incoming="defer") as vm:
+        set_caps(vm, c)
+        drop_caches()
+        start = time.monotonic()
+        vm.cmd("migrate-incoming", {"uri": c.uri(image, cpu)})
+        status = vm.wait_incoming(timeout=600, poll=0.005)
+        seconds = time.monotonic() - start
+        if status not in ("prelaunch", "paused", "running"):
+            raise RuntimeError(f"{c.name}: destination ended {status}")
+    time.sleep(0.05)
+    if verify and not files_equal(src_ram, dst_ram):
+        raise RuntimeError(f"{c.name}: restored RAM differs from the source")
+    dst_ram.unlink(missing_ok=True)
+    return Run(seconds, read_cpu(cpu) if c.helper else None, residency(image))
+
+
+def median(xs: list[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return statistics.median(vals) if vals else None
+
+
+def table(title: str, mem: int, runs: dict[str, list[Run]], limit: str) -> str:
+    lim = median([r.seconds for r in runs[limit]])
+    out = [f"### {title}", "",
+           "| contender | median s | GiB/s | limit / this | helper CPU s | image cached | runs |",
+           "|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    for name, rs in runs.items():
+        sec = median([r.seconds for r in rs])
+        assert sec is not None and lim is not None
+        cpu = median([r.cpu for r in rs])
+        cached = median([r.cached for r in rs])
+        out.append(
+            f"| {name} | {sec:.2f} | {mem / 1024 / sec:.2f} | {lim / sec:.2f} | "
+            f"{'n/a' if cpu is None else f'{cpu:.2f}'} | "
+            f"{'-' if cached is None else f'{cached:.1%}'} | "
+            f"{' '.join(f'{r.seconds:.2f}' for r in rs)} |"
+        )
+    return "\n".join(out)
+
+
+def bench_version(version: str, qemu: str, args: argparse.Namespace) -> list[str]:
+    major = int(version.split(".")[0])
+    work = Path(args.dir) / f"qemu{version}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    src_ram = Path("/dev/shm/vmtbench-src.ram")
+    if not src_ram.exists() or src_ram.stat().st_size != args.mem_mib << 20:
+        make_ram_file(src_ram, args.mem_mib, random=True)
+    saves = [c for c in SAVES if major >= c.min_qemu]
+    restores = [c for c in RESTORES if major >= c.min_qemu]
+    save_runs: dict[str, list[Run]] = {c.name: [] for c in saves}
+    restore_runs: dict[str, list[Run]] = {c.name: [] for c in restores}
+    for rnd in range(args.rounds):
+        for c in saves:
+            r = run_save(qemu, work, src_ram, args.mem_mib, c)
+            save_runs[c.name].append(r)
+            print(f"  qemu {version} round {rnd + 1} save    {c.name}: {r.seconds:.2f} s",
+                  file=sys.stderr, flush=True)
+        shutil.copyfile(work / "img", "/dev/shm/vmtbench-img")
+        for c in restores:
+            r = run_restore(qemu, work, src_ram, args.mem_mib, c, verify=rnd == 0)
+            restore_runs[c.name].append(r)
+            print(f"  qemu {version} round {rnd + 1} restore {c.name}: {r.seconds:.2f} s",
+                  file=sys.stderr, flush=True)
+        Path("/dev/shm/vmtbench-img").unlink()
+    shutil.rmtree(work, ignore_errors=True)
+    v = qemu_version(qemu)
+    return [
+        table(f"QEMU {v}: save ({args.mem_mib} MiB of random RAM, {args.rounds} rounds)",
+              args.mem_mib, save_runs, saves[0].name),
+        "",
+        table(f"QEMU {v}: restore ({args.mem_mib} MiB, {args.rounds} rounds)",
+              args.mem_mib, restore_runs, restores[0].name),
+        "",
+    ]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mem-mib", type=int, default=2048)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--qemu", default="7.2,10.0", help="versions, comma-separated")
+    p.add_argument("--dir", default="/var/tmp/vmtransport-bench",
+                   help="where images are written (a real disk, not tmpfs)")
+    p.add_argument("--json", help="also write the raw runs here")
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench.py: needs root (drop_caches)")
+    qemus = find_qemus()
+    lines = [f"`{' '.join(sys.argv)}` — {os.cpu_count()} cores, "
+             f"kernel {os.uname().release}, images on {args.dir}", ""]
+    for version in args.qemu.split(","):
+        if version not in qemus:
+            sys.exit(f"bench.py: QEMU {version} not found; run scripts/setup.sh")
+        lines += bench_version(version, qemus[version], args)
+    print("\n".join(lines))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"table": lines}, indent=1))
+    Path("/dev/shm/vmtbench-src.ram").unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()

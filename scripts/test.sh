@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The project's test command (README, .ci/run): set up, run the tests, type-check, lint.
+# Arguments go to pytest. pytest's exit status wins; any failing step fails the script.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+./scripts/setup.sh
+
+pytest_rc=0
+.venv/bin/python -m pytest -q "$@" || pytest_rc=$?
+if [[ $pytest_rc -eq 5 ]]; then
+    echo "test.sh: pytest collected no tests: that is a failure here" >&2
+fi
+
+# Only the source folders that hold Python files (git keeps no empty folder; mypy and
+# ruff both refuse a missing or empty one).
+targets=()
+for d in vmtransport tests bench; do
+    if [[ -d $d ]] && [[ -n $(find "$d" -name '*.py' -print -quit) ]]; then
+        targets+=("$d")
+    fi
+done
+
+mypy_rc=0
+if [[ ${#targets[@]} -eq 3 ]]; then
+    .venv/bin/mypy || mypy_rc=$?                 # files and --strict from pyproject.toml
+else
+    .venv/bin/mypy "${targets[@]}" || mypy_rc=$?
+fi
+
+ruff_rc=0
+.venv/bin/ruff check "${targets[@]}" || ruff_rc=$?
+
+if [[ $pytest_rc -ne 0 ]]; then
+    echo "test.sh: pytest failed (exit $pytest_rc)" >&2
+    exit "$pytest_rc"
+fi
+if [[ $mypy_rc -ne 0 || $ruff_rc -ne 0 ]]; then
+    echo "test.sh: mypy exit $mypy_rc, ruff exit $ruff_rc" >&2
+    exit 1
+fi

@@ -1,0 +1,328 @@
+"""The registry: built-ins through the plugin hook, and a real third-party plugin found
+through the ``vmtransport`` entry-point group of an installed distribution.
+
+The plugin modules live in tests/plugin_fixture/. Each test "installs" one by writing a
+``*.dist-info`` directory beside a copy of the module and putting that directory on
+PYTHONPATH (subprocesses) or sys.path (in-process): exactly what pip leaves behind.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+import vmtransport
+from vmtransport import PluginError, Registry, Transport, URIError
+from vmtransport import transports as builtin_transports
+from vmtransport.transports import ExecTransport, FdTransport, FileTransport, ODirectTransport
+
+VMT = Path(sys.executable).parent / "vmtransport"
+FIXTURES = Path(__file__).parent / "plugin_fixture"
+BUILTIN_SCHEMES = ["exec", "fd", "file", "odirect"]
+TIMEOUT = 30
+
+
+def install_plugin(
+    site: Path, module: str, *, entry_name: str = "demo", dist: str = "demo_plugin"
+) -> Path:
+    """Install ``plugin_fixture/<module>.py`` as distribution ``dist`` 1.0 into ``site``."""
+    site.mkdir(parents=True, exist_ok=True)
+    shutil.copy(FIXTURES / f"{module}.py", site / f"{module}.py")
+    info = site / f"{dist}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {dist.replace('_', '-')}\nVersion: 1.0\n"
+    )
+    (info / "entry_points.txt").write_text(f"[vmtransport]\n{entry_name} = {module}\n")
+    return site
+
+
+def env_with(site: Path | None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "VMTRANSPORT_DISABLE_PLUGINS"}
+    if site is not None:
+        env["PYTHONPATH"] = str(site)
+    env.update(extra)
+    return env
+
+
+def vmt(
+    *args: str, env: dict[str, str], input: bytes = b"", stdout: int = subprocess.PIPE
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [str(VMT), *args],
+        input=input,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        env=env,
+        timeout=TIMEOUT,
+        check=False,
+    )
+
+
+def load_fixture(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, FIXTURES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def demo_site(tmp_path: Path) -> Path:
+    return install_plugin(tmp_path / "site", "demo_vmt_plugin")
+
+
+@pytest.fixture
+def clash_site(tmp_path: Path) -> Path:
+    return install_plugin(tmp_path / "site", "clash_vmt_plugin", dist="clash_plugin")
+
+
+@pytest.fixture
+def on_sys_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Path]]:
+    """Put sites on sys.path for in-process entry-point discovery; undo the imports."""
+    sites: list[Path] = []
+    before = set(sys.modules)
+    yield sites
+    for site in sites:
+        assert str(site) in sys.path
+    for name in set(sys.modules) - before:
+        if name.endswith("_vmt_plugin"):
+            del sys.modules[name]
+    importlib.invalidate_caches()
+
+
+# --- built-ins ---------------------------------------------------------------------------
+
+
+def test_builtins_come_through_the_hook() -> None:
+    reg = Registry(entry_points=False)
+    assert [i.scheme for i in reg] == BUILTIN_SCHEMES
+    for info in reg:
+        assert info.plugin == "builtin"
+        assert info.origin == "built-in"
+        assert issubclass(info.transport, Transport)
+        assert info.transport.scheme == info.scheme
+        assert info.transport.summary
+    pm = reg.plugin_manager
+    assert pm.get_plugin("builtin") is builtin_transports
+    impls = pm.hook.vmtransport_transports.get_hookimpls()
+    assert [pm.get_name(i.plugin) for i in impls] == ["builtin"]
+    assert list(builtin_transports.vmtransport_transports()) == [
+        FileTransport,
+        ODirectTransport,
+        FdTransport,
+        ExecTransport,
+    ]
+
+
+def test_contains_and_info() -> None:
+    reg = Registry(entry_points=False)
+    assert "file" in reg
+    assert "xor" not in reg
+    assert 42 not in reg
+    assert reg.info("odirect").transport is ODirectTransport
+
+
+def test_process_registry_is_cached_and_has_the_builtins() -> None:
+    reg = vmtransport.get_registry()
+    assert reg is vmtransport.get_registry()
+    for scheme in BUILTIN_SCHEMES:
+        assert reg.info(scheme).origin == "built-in"
+
+
+# --- plugins registered in code -------------------------------------------------------------
+
+
+def test_extra_module_in_process() -> None:
+    demo = load_fixture("demo_vmt_plugin")
+    reg = Registry(entry_points=False, extra=(demo,))
+    assert [i.scheme for i in reg] == sorted([*BUILTIN_SCHEMES, "xor"])
+    info = reg.info("xor")
+    assert info.plugin == "demo_vmt_plugin"
+    assert info.origin == "registered in code"
+    assert info.transport is demo.XorTransport
+    t = reg.resolve("xor:/some/where")
+    assert isinstance(t, demo.XorTransport)
+    assert t.uri.target == "/some/where"
+    with pytest.raises(URIError, match="unknown option 'level'"):
+        reg.resolve("xor:/x,level=3")
+    # The plugin is in this registry only.
+    assert "xor" not in Registry(entry_points=False)
+
+
+async def test_extra_module_round_trip(tmp_path: Path) -> None:
+    demo = load_fixture("demo_vmt_plugin")
+    reg = Registry(entry_points=False, extra=(demo,))
+    payload = os.urandom(100_000)
+    path = tmp_path / "a.xor"
+    sink = reg.resolve(f"xor:{path}").open_sink()
+    sink.write(memoryview(payload))
+    sink.commit()
+    assert path.read_bytes() == bytes(b ^ 0x5A for b in payload)
+    source = await reg.resolve(f"xor:{path}").open_source()
+    buf = bytearray(len(payload) + 10)
+    n = await source.readinto(memoryview(buf))
+    assert await source.readinto(memoryview(buf)[n:]) == 0
+    await source.commit()
+    assert bytes(buf[:n]) == payload
+
+
+def test_extra_module_claiming_a_builtin_scheme() -> None:
+    clash = load_fixture("clash_vmt_plugin")
+    with pytest.raises(PluginError) as info:
+        Registry(entry_points=False, extra=(clash,))
+    msg = str(info.value)
+    assert "scheme 'file' is claimed by two plugins" in msg
+    assert "'builtin' (built-in)" in msg
+    assert "'clash_vmt_plugin' (registered in code)" in msg
+
+
+def test_plugin_returning_something_else() -> None:
+    class Bad:
+        @vmtransport.hookimpl
+        def vmtransport_transports(self) -> Sequence[object]:
+            return [int]
+
+    with pytest.raises(PluginError, match=r"plugin 'extra-0' returned <class 'int'>, not a Tr"):
+        Registry(entry_points=False, extra=(Bad(),))
+
+
+def test_plugin_with_a_misspelled_hook() -> None:
+    class Typo:
+        @vmtransport.hookimpl
+        def vmtransport_transport(self) -> Sequence[type[Transport]]:
+            return []
+
+    with pytest.raises(PluginError, match=r"plugin 'extra-0'.*unknown hook 'vmtransport_transport'"):
+        Registry(entry_points=False, extra=(Typo(),))
+
+
+# --- entry points, in-process ------------------------------------------------------------------
+
+
+def test_entry_point_in_process(
+    demo_site: Path, on_sys_path: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("VMTRANSPORT_DISABLE_PLUGINS", raising=False)
+    monkeypatch.syspath_prepend(str(demo_site))
+    on_sys_path.append(demo_site)
+    reg = Registry()
+    info = reg.info("xor")
+    assert info.plugin == "demo"
+    assert info.origin == "entry point demo (demo-plugin 1.0)"
+    assert reg.plugin_manager.get_plugin("demo") is sys.modules["demo_vmt_plugin"]
+    assert "xor" not in Registry(entry_points=False)
+
+    monkeypatch.setenv("VMTRANSPORT_DISABLE_PLUGINS", "other, demo")
+    assert "xor" not in Registry()
+    monkeypatch.setenv("VMTRANSPORT_DISABLE_PLUGINS", "all")
+    assert [i.scheme for i in Registry()] == BUILTIN_SCHEMES
+
+
+# --- entry points, through the real command ----------------------------------------------------
+
+
+def test_cli_plugins_lists_the_entry_point(demo_site: Path) -> None:
+    r = vmt("plugins", env=env_with(demo_site))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.decode().splitlines()
+    assert [line.split()[0] for line in lines] == ["exec:", "fd:", "file:", "odirect:", "xor:"]
+    xor = next(line for line in lines if line.startswith("xor:"))
+    assert xor.split()[1] == "demo"
+    assert "entry point demo (demo-plugin 1.0)" in xor
+    assert "XORed with 0x5A" in xor
+    file_line = next(line for line in lines if line.startswith("file:"))
+    assert file_line.split()[1:3] == ["builtin", "built-in"]
+
+
+def test_cli_save_and_restore_through_the_plugin(demo_site: Path, tmp_path: Path) -> None:
+    env = env_with(demo_site)
+    payload = os.urandom(3 * (1 << 20) + 123)
+    image = tmp_path / "vm.xor"
+    r = vmt("save", f"xor:{image}", env=env, input=payload)
+    assert r.returncode == 0, r.stderr
+    stored = image.read_bytes()
+    assert len(stored) == len(payload)
+    assert stored == bytes(b ^ 0x5A for b in payload)  # the plugin wrote it, not file:
+    r = vmt("restore", f"xor:{image}", env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == payload
+    # copy between the plugin's scheme and a built-in one, both ways
+    plain = tmp_path / "vm.raw"
+    r = vmt("copy", f"xor:{image}", f"file:{plain}", env=env)
+    assert r.returncode == 0, r.stderr
+    assert plain.read_bytes() == payload
+    again = tmp_path / "again.xor"
+    r = vmt("copy", f"file:{plain}", f"xor:{again}", env=env)
+    assert r.returncode == 0, r.stderr
+    assert again.read_bytes() == stored
+
+
+def test_cli_without_the_plugin_does_not_know_the_scheme(tmp_path: Path) -> None:
+    r = vmt("restore", f"xor:{tmp_path / 'x'}", env=env_with(None))
+    assert r.returncode == 2
+    assert b"unknown scheme 'xor'" in r.stderr
+
+
+def test_cli_disable_plugins_hides_it(demo_site: Path, tmp_path: Path) -> None:
+    for value in ("demo", "x, demo"):
+        env = env_with(demo_site, VMTRANSPORT_DISABLE_PLUGINS=value)
+        r = vmt("plugins", env=env)
+        assert r.returncode == 0, r.stderr
+        assert [line.split()[0] for line in r.stdout.decode().splitlines()] == [
+            "exec:",
+            "fd:",
+            "file:",
+            "odirect:",
+        ]
+    r = vmt("save", f"xor:{tmp_path / 'x'}", env=env, input=b"abc")
+    assert r.returncode == 2
+    assert b"unknown scheme 'xor'" in r.stderr
+    assert not (tmp_path / "x").exists()
+    # Disabling some other name leaves it in.
+    r = vmt("plugins", env=env_with(demo_site, VMTRANSPORT_DISABLE_PLUGINS="other"))
+    assert b"xor:" in r.stdout
+
+
+def test_cli_plugin_claiming_file_is_refused(clash_site: Path, tmp_path: Path) -> None:
+    env = env_with(clash_site)
+    for args in (("plugins",), ("save", f"file:{tmp_path / 'x'}")):
+        r = vmt(*args, env=env, input=b"data")
+        assert r.returncode == 1
+        lines = r.stderr.decode().splitlines()
+        assert len(lines) == 1, lines
+        msg = lines[0]
+        assert msg.startswith("vmtransport: error: ")
+        assert "scheme 'file' is claimed by two plugins" in msg
+        assert "'builtin' (built-in)" in msg
+        assert "'demo' (entry point demo (clash-plugin 1.0))" in msg
+        assert b"Traceback" not in r.stderr
+    assert not (tmp_path / "x").exists()
+    # The way out the error leaves: disable the offending plugin.
+    r = vmt("plugins", env=env_with(clash_site, VMTRANSPORT_DISABLE_PLUGINS="demo"))
+    assert r.returncode == 0, r.stderr
+
+
+def test_cli_plugin_that_cannot_be_imported(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    info = site / "broken_plugin-2.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 2.0\n")
+    (info / "entry_points.txt").write_text("[vmtransport]\nbroken = no_such_module_vmt\n")
+    r = vmt("plugins", env=env_with(site))
+    assert r.returncode == 1
+    lines = r.stderr.decode().splitlines()
+    assert len(lines) == 1, lines
+    assert "cannot load plugin 'broken' (no_such_module_vmt)" in lines[0]
+    assert "No module named 'no_such_module_vmt'" in lines[0]
+    r = vmt("plugins", env=env_with(site, VMTRANSPORT_DISABLE_PLUGINS="broken"))
+    assert r.returncode == 0, r.stderr
