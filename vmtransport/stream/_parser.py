@@ -1122,8 +1122,10 @@ class StreamParser:
             start, hlen = hdr
             nxt = self._next_footer(t, p + hlen, start.section_id, eof)
             if nxt is None:
+                # Without a description, EOF was only a guess (the last byte was 0).
                 raise StreamError(
-                    f"no footer found for device section '{start.idstr}' at offset {base + p}"
+                    f"stream ended before QEMU's EOF marker (after {base + len(t)} bytes, "
+                    f"in section '{start.idstr}'), or its device state is malformed"
                 )
             out.append((start, nxt - 5 - p - hlen, base + p))
             p = nxt

@@ -26,7 +26,8 @@ class AtomicTarget:
         self.path = Path(path)
         self.offset = offset
         self.label = label
-        self.tmp: Path | None = None
+        self.tmp: Path | None = None  # the temporary's name, while it has one
+        self.in_place: bool | None = None  # devices and FIFOs are written in place
         self.fd = -1
 
     def open(self) -> int:
@@ -39,6 +40,7 @@ class AtomicTarget:
             raise io_error(f"{self.label}", exc) from exc
         if st is not None and (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
                                or stat.S_ISFIFO(st.st_mode)):
+            self.in_place = True
             try:
                 self.fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
                 if self.offset and not stat.S_ISFIFO(st.st_mode):
@@ -52,19 +54,8 @@ class AtomicTarget:
             raise TransportError(
                 f"cannot save to {self.label}: directory {parent} does not exist"
             )
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        for _ in range(100):
-            tmp = parent / f".{self.path.name}.{secrets.token_hex(4)}.vmtransport-tmp"
-            try:
-                self.fd = os.open(tmp, flags, 0o600)
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                raise io_error(f"creating a temporary file for {self.label}", exc) from exc
-            self.tmp = tmp
-            break
-        else:
-            raise TransportError(f"cannot create a temporary file beside {self.path}")
+        self.fd = self._create(parent)
+        self.in_place = False
         try:
             if self.offset:
                 self._carry_prefix(st is not None and stat.S_ISREG(st.st_mode))
@@ -75,6 +66,30 @@ class AtomicTarget:
             self.abort()
             raise
         return self.fd
+
+    def _create(self, parent: Path) -> int:
+        # An unnamed O_TMPFILE leaves nothing behind even if we are SIGKILLed; where the
+        # filesystem lacks it, a named temporary created exclusively.
+        try:
+            return os.open(parent, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise io_error(f"creating a temporary file for {self.label}", exc) from exc
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        for _ in range(100):
+            tmp = self._tmp_name(parent)
+            try:
+                fd = os.open(tmp, flags, 0o600)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise io_error(f"creating a temporary file for {self.label}", exc) from exc
+            self.tmp = tmp
+            return fd
+        raise TransportError(f"cannot create a temporary file beside {self.path}")
+
+    def _tmp_name(self, parent: Path) -> Path:
+        return parent / f".{self.path.name}.{secrets.token_hex(4)}.vmtransport-tmp"
 
     def _carry_prefix(self, exists: bool) -> None:
         os.ftruncate(self.fd, self.offset)
@@ -98,13 +113,15 @@ class AtomicTarget:
     def commit(self, length: int) -> None:
         """Sync, close and (for temporaries) rename; ``length`` is the stream's length."""
         try:
-            if self.tmp is not None:
+            if self.in_place is False:
                 os.ftruncate(self.fd, self.offset + length)
             try:
                 os.fdatasync(self.fd)
             except OSError as exc:
                 if exc.errno not in (errno.EINVAL, errno.EROFS):
                     raise
+            if self.in_place is False and self.tmp is None:
+                self._link_anonymous()
             os.close(self.fd)
             self.fd = -1
             if self.tmp is not None:
@@ -118,6 +135,24 @@ class AtomicTarget:
         except OSError as exc:
             self.abort()
             raise io_error(f"committing {self.label}", exc) from exc
+
+    def _link_anonymous(self) -> None:
+        """Give the O_TMPFILE a (temporary) name; rename then puts it in place atomically."""
+        # A src_dir_fd makes Python use linkat(AT_SYMLINK_FOLLOW); plain link() would try
+        # to link the /proc magic symlink itself (EXDEV).
+        procfd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for _ in range(100):
+                tmp = self._tmp_name(self.path.parent)
+                try:
+                    os.link(str(self.fd), tmp, src_dir_fd=procfd, follow_symlinks=True)
+                except FileExistsError:
+                    continue
+                self.tmp = tmp
+                return
+        finally:
+            os.close(procfd)
+        raise TransportError(f"cannot name the temporary file beside {self.path}")
 
     def abort(self) -> None:
         """Remove the temporary; the final name is untouched. Never raises."""
