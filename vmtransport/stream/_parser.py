@@ -227,6 +227,7 @@ def _printable(b: bytes | bytearray | memoryview) -> bool:
 
 # Runs shorter than this go record by record; longer ones are checked a column at a time.
 _BATCH_MIN: Final = 16
+_BATCH_MAX: Final = 4096  # bounds the copy when a run ends early
 # bytes.translate table: 0 where the low nibble is clear (flag bits 8-11 of a RAM word).
 _NIBBLE: Final = bytes(0 if c & 0x0F == 0 else 1 for c in range(256))
 
@@ -238,7 +239,7 @@ def _run_length(mv: memoryview, pos: int, end: int, stride: int, low: int, limit
     A per-record Python loop costs several hundred ns per page; this gathers the run's
     headers with one strided copy and checks them a column at a time, in C.
     """
-    m = (end - pos) // stride
+    m = min((end - pos) // stride, _BATCH_MAX)
     if m < _BATCH_MIN:
         return 0
     stop = pos + m * stride
@@ -1019,6 +1020,8 @@ class StreamParser:
                 sections = self._split_by_description(t, eof, devices, base)
         else:
             sections = self._split_by_footers(t, eof, base)
+            if self._require_description:
+                raise StreamError(f"the VM description is missing (after {base + len(t)} bytes)")
         for start, size, off in sections:
             self._events.append(start)
             self._events.append(
@@ -1063,8 +1066,6 @@ class StreamParser:
                 raise StreamError("the VM description is not a JSON object")
             return desc, q
         # No description: the machine suppresses it (or this is a device-state file).
-        if self._require_description and t and t[-1] == _EOF:
-            raise StreamError(f"the VM description is missing (after {base + len(t)} bytes)")
         if not t or t[-1] != _EOF:
             raise StreamError(
                 f"stream ended before QEMU's EOF marker (after {base + len(t)} bytes, "
@@ -1147,7 +1148,7 @@ class StreamParser:
         foot = 5 if self._footers is not False else 0
         out: list[tuple[SectionStart, int, int]] = []
         p = 0
-        j = len(self._streamed_full)  # early-setup devices came before RAM
+        j = 0
         while p < eof:
             if t[p] != _FULL:
                 raise StreamError(
@@ -1157,8 +1158,11 @@ class StreamParser:
             if hdr is None:
                 raise StreamError(f"truncated section header at offset {base + p}")
             start, hlen = hdr
-            while j < len(names) and names[j] != (start.idstr, start.instance_id):
-                j += 1  # tolerate sections the list leaves out before this one
+            if p == 0:  # early-setup devices, listed first, were streamed before RAM
+                while j < len(names) and names[j] != (start.idstr, start.instance_id):
+                    j += 1
+            if j >= len(names) or names[j] != (start.idstr, start.instance_id):
+                j = len(names)
             if j >= len(names):
                 raise StreamError(
                     f"device section '{start.idstr}' (instance {start.instance_id}) at "

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import stat
-from pathlib import Path
 
 from .._errors import TransportError
 from .._io import drop_cache, io_error
@@ -23,15 +21,16 @@ class AtomicTarget:
     """
 
     def __init__(self, path: str, offset: int, label: str) -> None:
-        self.path = Path(path)
+        self.path = os.path.abspath(path)
+        self.parent = os.path.dirname(self.path)
         self.offset = offset
         self.label = label
-        self.tmp: Path | None = None  # the temporary's name, while it has one
+        self.tmp: str | None = None  # the temporary's name, while it has one
         self.in_place: bool | None = None  # devices and FIFOs are written in place
         self.fd = -1
 
     def open(self) -> int:
-        parent = self.path.parent
+        parent = self.parent
         try:
             st = os.lstat(self.path)
         except FileNotFoundError:
@@ -50,7 +49,7 @@ class AtomicTarget:
             return self.fd
         if st is not None and stat.S_ISDIR(st.st_mode):
             raise TransportError(f"cannot save to {self.label}: {self.path} is a directory")
-        if not parent.is_dir():
+        if not os.path.isdir(parent):
             raise TransportError(
                 f"cannot save to {self.label}: directory {parent} does not exist"
             )
@@ -67,7 +66,7 @@ class AtomicTarget:
             raise
         return self.fd
 
-    def _create(self, parent: Path) -> int:
+    def _create(self, parent: str) -> int:
         # An unnamed O_TMPFILE leaves nothing behind even if we are SIGKILLed; where the
         # filesystem lacks it, a named temporary created exclusively.
         try:
@@ -88,8 +87,9 @@ class AtomicTarget:
             return fd
         raise TransportError(f"cannot create a temporary file beside {self.path}")
 
-    def _tmp_name(self, parent: Path) -> Path:
-        return parent / f".{self.path.name}.{secrets.token_hex(4)}.vmtransport-tmp"
+    def _tmp_name(self, parent: str) -> str:
+        name = f".{os.path.basename(self.path)}.{os.urandom(4).hex()}.vmtransport-tmp"
+        return os.path.join(parent, name)
 
     def _carry_prefix(self, exists: bool) -> None:
         os.ftruncate(self.fd, self.offset)
@@ -127,7 +127,7 @@ class AtomicTarget:
             if self.tmp is not None:
                 os.rename(self.tmp, self.path)
                 self.tmp = None
-                dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                dfd = os.open(self.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 try:
                     os.fsync(dfd)
                 finally:
@@ -143,7 +143,7 @@ class AtomicTarget:
         procfd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for _ in range(100):
-                tmp = self._tmp_name(self.path.parent)
+                tmp = self._tmp_name(self.parent)
                 try:
                     os.link(str(self.fd), tmp, src_dir_fd=procfd, follow_symlinks=True)
                 except FileExistsError:
