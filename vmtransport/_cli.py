@@ -9,7 +9,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 
 from . import __version__
-from ._copy import copy, restore, save_fd
+from ._copy import copy, restore, restore_fd, save_fd
 from ._errors import UsageError, VMTransportError
 from ._pump import PumpStats
 from ._registry import get_registry
@@ -102,14 +102,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "plugins":
             _plugins()
             return 0
-        if args.command == "save":
-            # No event loop on the save path (see _pump): signals raise in this thread.
+        if args.command in ("save", "restore"):
+            # Without an event loop (see _pump) signals raise in this thread.
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, _raise_interrupted)
+        if args.command == "save":
             stats = save_fd(args.uri, 0)
             what = f"saved to {args.uri}"
         elif args.command == "restore":
-            stats = _run_async(lambda: restore(args.uri))
+            maybe = restore_fd(args.uri, 1)
+            if maybe is None:  # the source needs the event loop
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_DFL)
+                maybe = _run_async(lambda: restore(args.uri))
+            stats = maybe
             what = f"restored from {args.uri}"
         else:
             stats = _run_async(lambda: copy(args.src, args.dst))

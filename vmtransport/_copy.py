@@ -6,7 +6,7 @@ import os
 
 from ._errors import UsageError
 from ._io import FdSink
-from ._pump import PumpStats, Tap, pump, pump_fd
+from ._pump import PumpStats, Tap, fd_reader, pump, pump_blocking
 from ._registry import get_registry
 from ._transport import Sink, Source
 
@@ -29,7 +29,8 @@ def save_fd(uri: str, fd: int = 0, *, taps: tuple[Tap, ...] = ()) -> PumpStats:
     transport = get_registry().resolve(uri)
     if os.isatty(fd):
         raise UsageError("save reads the migration stream from stdin, which is a terminal")
-    return pump_fd(fd, transport.open_sink(), label="stdin", taps=taps)
+    reader = fd_reader(fd, "stdin")
+    return pump_blocking(reader, transport.open_sink(), taps=taps)
 
 
 async def save(uri: str, fd: int = 0, *, taps: tuple[Tap, ...] = ()) -> PumpStats:
@@ -52,6 +53,24 @@ async def copy(src: str, dst: str, *, taps: tuple[Tap, ...] = ()) -> PumpStats:
         await source.abort()
         raise
     return await pump(source, sink, taps=taps)
+
+
+def restore_fd(uri: str, fd: int = 1, *, taps: tuple[Tap, ...] = ()) -> PumpStats | None:
+    """Restore ``uri`` to ``fd`` with threads only, when its source allows (files).
+
+    Returns None, having done nothing, when the source needs an event loop: then use
+    :func:`restore`.
+    """
+    transport = get_registry().resolve(uri)
+    if os.isatty(fd):
+        raise UsageError("restore writes the migration stream to stdout, which is a terminal")
+    source = transport.open_threaded_source()
+    if source is None:
+        return None
+    try:
+        return pump_blocking(source.read_blocking, FdSink(fd, "stdout", close=False), taps=taps)
+    finally:
+        source.close()
 
 
 async def restore(uri: str, fd: int = 1, *, taps: tuple[Tap, ...] = ()) -> PumpStats:

@@ -19,7 +19,7 @@ import stat
 from typing import Final
 
 from ._errors import TransportError
-from ._transport import Sink, Source
+from ._transport import Sink, Source, ThreadedSource
 
 PAGE: Final = mmap.PAGESIZE
 #: alignment for O_DIRECT buffers, lengths and offsets (covers 512 and 4096-byte sectors)
@@ -83,8 +83,38 @@ def io_error(what: str, exc: OSError) -> TransportError:
     return TransportError(f"{what}: {reason}")
 
 
+class FileSource(ThreadedSource):
+    """Read a regular file or block device from its current position (threads)."""
+
+    def __init__(self, fd: int, label: str, *, close: bool = True) -> None:
+        self.fd = fd
+        self.label = label
+        self._close = close
+
+    def read_blocking(self, buf: memoryview) -> int:
+        try:
+            return os.readv(self.fd, [buf])
+        except OSError as exc:
+            raise io_error(f"reading {self.label}", exc) from exc
+
+    def close(self) -> None:
+        if self._close and self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+        self.fd = -1
+
+
+def fd_source(fd: int, label: str, *, close: bool = True) -> Source:
+    """The right source for a descriptor: threads for files, the event loop otherwise."""
+    if is_pollable(fd):
+        return FdSource(fd, label, close=close)
+    return FileSource(fd, label, close=close)
+
+
 class FdSource(Source):
-    """Read from an fd: non-blocking on the event loop for pipes, from a thread for files.
+    """Read a pipe, socket or character device non-blocking on the trio event loop.
 
     ``label`` names the URI in errors. ``close`` says whether the fd is ours to close.
     """
@@ -93,17 +123,13 @@ class FdSource(Source):
         self.fd = fd
         self.label = label
         self._close = close
-        self._nb: _NonBlocking | None = None
-        if is_pollable(fd):
-            grow_pipe(fd)
-            self._nb = _NonBlocking(fd)
+        grow_pipe(fd)
+        self._nb: _NonBlocking | None = _NonBlocking(fd)
 
     async def readinto(self, buf: memoryview) -> int:
         import trio
 
         try:
-            if self._nb is None:
-                return await trio.to_thread.run_sync(os.readv, self.fd, [buf])
             while True:
                 try:
                     return os.readv(self.fd, [buf])

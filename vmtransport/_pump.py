@@ -8,10 +8,10 @@ through the pipe, and memory stays at ``buffers * buffer_size`` whatever the str
 
 Two drivers share that shape:
 
-* :func:`pump_fd` — threads only, from a blocking descriptor (a save helper's stdin,
-  which QEMU's migration thread writes in blocking mode). It needs no event loop, so a
-  save helper starts in a few milliseconds instead of paying for importing trio while
-  QEMU waits on a full pipe.
+* :func:`pump_blocking` — threads only, from a blocking read function: a save helper's
+  stdin (QEMU's migration thread writes it in blocking mode) or a restore helper's
+  file (:class:`ThreadedSource`). It needs no event loop, so a helper starts in a few
+  tens of milliseconds instead of paying for importing trio while QEMU waits.
 * :func:`pump` — from an async :class:`Source` on the trio event loop (restore, copy).
 
 Taps see every chunk, in order, before it is written (a stream parser, a checksum); a
@@ -70,24 +70,21 @@ def _check_geometry(buffer_size: int, buffers: int) -> None:
         raise ValueError(f"bad pump geometry: {buffers} x {buffer_size} bytes")
 
 
-def pump_fd(
-    fd: int,
+def pump_blocking(
+    read: Callable[[memoryview], int],
     sink: Sink,
     *,
-    label: str = "stdin",
     taps: Sequence[Tap] = (),
     buffer_size: int = BUFFER_SIZE,
     buffers: int = BUFFERS,
 ) -> PumpStats:
-    """Copy a blocking descriptor to ``sink`` until EOF; commit it, or abort on any error.
+    """Copy from blocking ``read`` to ``sink`` until EOF; commit it, or abort on any error.
 
     The calling thread reads; one worker thread writes. An exception raised in the
-    calling thread (a signal handler's) aborts the sink as well.
+    calling thread (a signal handler's) aborts the sink as well. ``read`` raises the
+    package's errors (see :func:`fd_reader`).
     """
-    from ._io import io_error
-
     _check_geometry(buffer_size, buffers)
-    grow_pipe(fd)
     pool = [aligned_buffer(buffer_size) for _ in range(buffers)]
     free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
     full: queue.SimpleQueue[tuple[mmap.mmap, int] | None] = queue.SimpleQueue()
@@ -119,10 +116,7 @@ def pump_fd(
                 n = 0
                 with memoryview(buf) as view:
                     while n < buffer_size:
-                        try:
-                            k = read_some(fd, view[n:])
-                        except OSError as exc:
-                            raise io_error(f"reading {label}", exc) from exc
+                        k = read(view[n:])
                         if k == 0:
                             eof = True
                             break
@@ -143,6 +137,21 @@ def pump_fd(
     finally:
         _close_pool(pool)
     return PumpStats(total, time.monotonic() - start)
+
+
+def fd_reader(fd: int, label: str) -> Callable[[memoryview], int]:
+    """A blocking read function for a descriptor (a pipe is grown to 1 MiB first)."""
+    from ._io import io_error
+
+    grow_pipe(fd)
+
+    def read(buf: memoryview) -> int:
+        try:
+            return read_some(fd, buf)
+        except OSError as exc:
+            raise io_error(f"reading {label}", exc) from exc
+
+    return read
 
 
 def _first_error(exc: BaseException) -> BaseException:

@@ -62,6 +62,34 @@ class Source(abc.ABC):
         """Reading stopped early: release resources. Never raises."""
 
 
+class ThreadedSource(Source):
+    """A source whose reads block: regular files and block devices.
+
+    Async callers get its reads through worker threads. A caller with no event loop
+    (``vmtransport restore``) calls :meth:`read_blocking` and :meth:`close` directly and
+    never imports trio, which saves ~0.35 s of start-up during which QEMU would wait.
+    """
+
+    @abc.abstractmethod
+    def read_blocking(self, buf: memoryview) -> int:
+        """Blocking read of up to ``len(buf)`` bytes; 0 if and only if end of stream."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the source. Never raises."""
+
+    async def readinto(self, buf: memoryview) -> int:
+        import trio
+
+        return await trio.to_thread.run_sync(self.read_blocking, buf)
+
+    async def commit(self) -> None:
+        self.close()
+
+    async def abort(self) -> None:
+        self.close()
+
+
 class Transport(abc.ABC):
     """One URI scheme. Subclasses set :attr:`scheme` and :attr:`options`.
 
@@ -125,6 +153,11 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def open_source(self) -> Source:
         """Open for reading a stream (restore direction)."""
+
+    def open_threaded_source(self) -> ThreadedSource | None:
+        """The source as blocking reads for a caller without an event loop, or None when
+        it needs one (pipes, sockets). Transports on files override this."""
+        return None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.uri}>"

@@ -12,8 +12,8 @@ import re
 from typing import final
 
 from .._errors import TransportError, URIError
-from .._io import FdSink, FdSource
-from .._transport import Sink, Source, Transport
+from .._io import FdSink, FileSource, fd_source, is_pollable
+from .._transport import Sink, Source, ThreadedSource, Transport
 from .._uri import URI
 
 _LISTEN_FDS_START = 3
@@ -65,4 +65,8 @@ class FdTransport(Transport):
         return FdSink(self._fd(), str(self.uri))
 
     async def open_source(self) -> Source:
-        return FdSource(self._fd(), str(self.uri))
+        return fd_source(self._fd(), str(self.uri))
+
+    def open_threaded_source(self) -> ThreadedSource | None:
+        fd = self._fd()
+        return None if is_pollable(fd) else FileSource(fd, str(self.uri))

@@ -6,8 +6,8 @@ import os
 from collections.abc import Mapping
 from typing import ClassVar, final
 
-from .._io import FdSource, io_error, write_all
-from .._transport import Sink, Source, Transport
+from .._io import FileSource, io_error, write_all
+from .._transport import Sink, Source, ThreadedSource, Transport
 from .._uri import URI
 from ._target import AtomicTarget
 
@@ -63,10 +63,13 @@ class FileTransport(Transport):
         target.open()
         return FileSink(target)
 
-    async def open_source(self) -> Source:
+    def open_threaded_source(self) -> ThreadedSource:
         fd = open_for_reading(self.uri.target, self.offset, str(self.uri))
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         except OSError:
             pass
-        return FdSource(fd, str(self.uri))
+        return FileSource(fd, str(self.uri))
+
+    async def open_source(self) -> Source:
+        return self.open_threaded_source()

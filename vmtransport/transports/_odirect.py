@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from typing import ClassVar, final
 
 from .._errors import TransportError
-from .._io import DIRECT_ALIGN, FdSource, aligned_buffer, drop_cache, io_error, write_all
-from .._transport import Sink, Source, Transport
+from .._io import DIRECT_ALIGN, FileSource, aligned_buffer, drop_cache, io_error, write_all
+from .._transport import Sink, Source, ThreadedSource, Transport
 from .._uri import URI
 from ._file import open_for_reading
 from ._target import AtomicTarget
@@ -114,8 +114,8 @@ class DirectSink(Sink):
 
 
 @final
-class DirectSource(Source):
-    """O_DIRECT reads into the pump's aligned buffers, from a worker thread.
+class DirectSource(ThreadedSource):
+    """O_DIRECT reads into the pump's aligned buffers.
 
     The file size is taken at open: reads stop there, so no O_DIRECT read is ever issued
     at an unaligned position after a short read at the end.
@@ -127,27 +127,19 @@ class DirectSource(Source):
         self._pos = pos
         self._size = size
 
-    def _read(self, buf: memoryview) -> int:
+    def read_blocking(self, buf: memoryview) -> int:
         if self._pos >= self._size:
             return 0
         if self._pos % DIRECT_ALIGN:
             raise TransportError(f"reading {self._label}: unaligned O_DIRECT position")
-        n = os.preadv(self._fd, [buf], self._pos)
+        try:
+            n = os.preadv(self._fd, [buf], self._pos)
+        except OSError as exc:
+            raise io_error(f"reading {self._label}", exc) from exc
         self._pos += n
         return n
 
-    async def readinto(self, buf: memoryview) -> int:
-        import trio
-
-        try:
-            return await trio.to_thread.run_sync(self._read, buf)
-        except OSError as exc:
-            raise io_error(f"reading {self._label}", exc) from exc
-
-    async def commit(self) -> None:
-        await self.abort()
-
-    async def abort(self) -> None:
+    def close(self) -> None:
         if self._fd >= 0:
             try:
                 os.close(self._fd)
@@ -157,28 +149,24 @@ class DirectSource(Source):
 
 
 @final
-class _DroppingSource(Source):
+class _DroppingSource(ThreadedSource):
     """Buffered fallback for reads: drops what it has read from the page cache."""
 
-    def __init__(self, inner: FdSource, offset: int) -> None:
+    def __init__(self, inner: FileSource, offset: int) -> None:
         self._inner = inner
         self._pos = offset
         self._dropped = offset
 
-    async def readinto(self, buf: memoryview) -> int:
-        n = await self._inner.readinto(buf)
+    def read_blocking(self, buf: memoryview) -> int:
+        n = self._inner.read_blocking(buf)
         self._pos += n
-        if self._pos - self._dropped >= _DROP_WINDOW:
+        if self._pos - self._dropped >= _DROP_WINDOW or n == 0:
             drop_cache(self._inner.fd, self._dropped, self._pos - self._dropped)
             self._dropped = self._pos
         return n
 
-    async def commit(self) -> None:
-        drop_cache(self._inner.fd)
-        await self._inner.commit()
-
-    async def abort(self) -> None:
-        await self._inner.abort()
+    def close(self) -> None:
+        self._inner.close()
 
 
 @final
@@ -223,6 +211,9 @@ class ODirectTransport(Transport):
         return DirectSink(target, direct)
 
     async def open_source(self) -> Source:
+        return self.open_threaded_source()
+
+    def open_threaded_source(self) -> ThreadedSource:
         label = str(self.uri)
         try:
             fd = open_for_reading(self.uri.target, 0, label, os.O_DIRECT)
@@ -232,7 +223,7 @@ class ODirectTransport(Transport):
                 raise
             self._refused(cause)
             fd = open_for_reading(self.uri.target, self.offset, label)
-            return _DroppingSource(FdSource(fd, label), self.offset)
+            return _DroppingSource(FileSource(fd, label), self.offset)
         size = os.fstat(fd).st_size
         if size == 0:  # block device: ask its size
             size = os.lseek(fd, 0, os.SEEK_END)
