@@ -1,4 +1,4 @@
-"""Tiny stand-ins for "the other end of the pipe", run with ``python3 -S``.
+"""Tiny stand-ins for "the other end of the pipe", run with ``python -S -I``.
 
     discard            read stdin to EOF and drop it, with the pipe grown to 1 MiB
                        (the producer's limit: nothing slower than QEMU itself)

@@ -344,6 +344,9 @@ ensure_python() {
 ensure_system_packages
 ensure_qemu10
 ensure_python
+# Byte-compile the package: where PYTHONDONTWRITEBYTECODE is set nothing else would, and
+# every helper start would compile it again (QEMU waits for the save helper's start).
+"$REPO/.venv/bin/python" -m compileall -q "$REPO/vmtransport" >/dev/null
 
 printf 'QEMU 7.2:  %s  (%s)\n' "$QEMU7" "$("$QEMU7" --version | head -n1)"
 printf 'QEMU 10.0: %s  (%s)\n' "$QEMU10_WRAPPER" "$("$QEMU10_WRAPPER" --version | head -n1)"
