@@ -62,9 +62,7 @@ def test_option_value_may_be_empty_or_hold_equals_signs() -> None:
         ("file:/x,k=v,,w", "/x", {"k": "v,w"}),
     ],
 )
-def test_double_comma_is_a_literal_comma(
-    text: str, target: str, options: dict[str, str]
-) -> None:
+def test_double_comma_is_a_literal_comma(text: str, target: str, options: dict[str, str]) -> None:
     uri = parse_uri(text)
     assert uri.target == target
     assert dict(uri.options) == options
@@ -197,7 +195,7 @@ def test_info_of_unknown_scheme(registry: Registry) -> None:
 
 
 def test_resolve_rejects_a_text_that_is_no_uri(registry: Registry) -> None:
-    with pytest.raises(URIError, match="not a URI '/x.sav'"):
+    with pytest.raises(URIError, match=r"not a URI '/x\.sav'"):
         registry.resolve("/x.sav")
 
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 from . import __version__
-from ._copy import copy, restore, restore_fd, save_fd
-from ._errors import UsageError, VMTransportError
-from ._pump import PumpStats
+from ._copy import copy, restore_fd, save_fd
+from ._errors import Interrupted, UsageError, VMTransportError
+from ._pump import run_trio
 from ._registry import get_registry
 
 log = logging.getLogger("vmtransport")
@@ -32,11 +34,18 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("save", help="write the stream on stdin to URI")
     s.add_argument("uri", metavar="URI")
+    s.add_argument("--name", help="a name for the VM, kept in the image's metadata")
     r = sub.add_parser("restore", help="write the stream at URI to stdout")
     r.add_argument("uri", metavar="URI")
     c = sub.add_parser("copy", help="copy the stream at SRC to DST")
     c.add_argument("src", metavar="SRC")
     c.add_argument("dst", metavar="DST")
+    c.add_argument("--name", help="a name for the VM, kept in the image's metadata")
+    i = sub.add_parser("inspect", help="show what an image or stream holds")
+    i.add_argument("image", metavar="IMAGE|URI")
+    i.add_argument("--json", action="store_true", help="the documented JSON document")
+    v = sub.add_parser("verify", help="exit 0 only for a complete image whose checksum matches")
+    v.add_argument("image", metavar="IMAGE|URI")
     sub.add_parser("plugins", help="list the URI schemes and the plugins providing them")
     return p
 
@@ -48,39 +57,15 @@ def _plugins() -> None:
         print(f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]}".rstrip())
 
 
-class Interrupted(VMTransportError):
-    """A signal asked us to stop; whatever was half-written is removed."""
-
-
 def _raise_interrupted(signum: int, frame: object) -> None:
     raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
 
 
-def _run_async(job: Callable[[], Awaitable[PumpStats]]) -> PumpStats:
-    import trio
-
-    return trio.run(_run, job)
-
-
-async def _run(job: Callable[[], Awaitable[PumpStats]]) -> PumpStats:
-    import trio
-
-    # SIGTERM/SIGINT become cancellation, so a killed helper still cleans up.
-    async with trio.open_nursery() as nursery:
-        result: list[PumpStats] = []
-
-        async def main() -> None:
-            result.append(await job())
-            nursery.cancel_scope.cancel()
-
-        async def signals() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as it:
-                async for signum in it:
-                    raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
-
-        nursery.start_soon(signals)
-        nursery.start_soon(main)
-    return result[0]
+def _as_uri(arg: str) -> str:
+    """A bare path (or anything naming an existing file) means file:PATH."""
+    if ":" not in arg or os.path.exists(arg):
+        return "file:" + arg.replace(",", ",,")
+    return arg
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -102,23 +87,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "plugins":
             _plugins()
             return 0
-        if args.command in ("save", "restore"):
-            # Without an event loop (see _pump) signals raise in this thread.
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                signal.signal(sig, _raise_interrupted)
+        if args.command == "inspect":
+            from ._inspect import describe, render
+
+            doc = describe(_as_uri(args.image))
+            print(json.dumps(doc, indent=2) if args.json else render(doc))
+            return 0
+        if args.command == "verify":
+            from ._inspect import verify
+
+            doc = verify(_as_uri(args.image))
+            print(f"{args.image}: OK: complete vmtransport image, xxh3-128 checksum matches "
+                  f"({doc['stream']['length']} stream bytes)")  # fmt: skip
+            return 0
+        # Save and restore run without an event loop where they can (see _pump): signals
+        # raise in this thread; under trio, run_trio turns them into cancellation.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, _raise_interrupted)
         if args.command == "save":
-            stats = save_fd(args.uri, 0)
+            stats = save_fd(args.uri, 0, name=args.name)
             what = f"saved to {args.uri}"
         elif args.command == "restore":
-            maybe = restore_fd(args.uri, 1)
-            if maybe is None:  # the source needs the event loop
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                    signal.signal(sig, signal.SIG_DFL)
-                maybe = _run_async(lambda: restore(args.uri))
-            stats = maybe
+            stats = restore_fd(args.uri, 1)
             what = f"restored from {args.uri}"
         else:
-            stats = _run_async(lambda: copy(args.src, args.dst))
+            stats = run_trio(lambda: copy(args.src, args.dst, name=args.name))
             what = f"copied {args.src} to {args.dst}"
     except BaseException as raw:
         exc = _unwrap(raw)

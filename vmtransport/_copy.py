@@ -1,28 +1,39 @@
-"""The use cases: save (stdin -> URI), restore (URI -> stdout), copy (URI -> URI)."""
+"""The use cases: save (stdin -> URI), restore (URI -> stdout), copy (URI -> URI),
+inspect and verify. Each wraps the transports' sinks in the image layer (_image)."""
 
 from __future__ import annotations
 
 import os
 
 from ._errors import UsageError
+from ._image import ImageWriter, NullSink, StreamReader, StreamWriter, save_metadata
 from ._io import FdSink
-from ._pump import PumpStats, Tap, fd_reader, pump, pump_blocking
+from ._pump import PumpStats, fd_reader, pump, pump_blocking, run_trio
 from ._registry import get_registry
-from ._transport import Sink, Source
+from ._transport import SeekableSink, Sink, Source, Transport
 
 
 async def open_source(uri: str) -> Source:
-    """Open ``uri`` for reading a stream (restore direction)."""
+    """Open ``uri`` for reading its bytes as they are (restore direction)."""
     return await get_registry().resolve(uri).open_source()
 
 
 def open_sink(uri: str) -> Sink:
-    """Open ``uri`` for writing a stream (save direction). Blocks: call from a thread."""
+    """Open ``uri`` for writing bytes as they are (save direction). Blocks."""
     return get_registry().resolve(uri).open_sink()
 
 
-def save_fd(uri: str, fd: int = 0, *, taps: tuple[Tap, ...] = ()) -> PumpStats:
-    """Save the stream arriving on blocking descriptor ``fd`` (stdin) to ``uri``.
+def _save_sink(transport: Transport, name: str | None) -> StreamWriter:
+    """The transport's sink behind the stream validator, as an image where it can be."""
+    sink = transport.open_sink()
+    label = str(transport.uri)
+    if transport.save_format == "image" and isinstance(sink, SeekableSink):
+        return ImageWriter(sink, label, save_metadata(name))
+    return StreamWriter(sink, label)
+
+
+def save_fd(uri: str, fd: int = 0, *, name: str | None = None) -> PumpStats:
+    """Save the QEMU stream arriving on blocking descriptor ``fd`` (stdin) to ``uri``.
 
     Threads only, no event loop: this is what ``vmtransport save`` runs.
     """
@@ -30,53 +41,67 @@ def save_fd(uri: str, fd: int = 0, *, taps: tuple[Tap, ...] = ()) -> PumpStats:
     if os.isatty(fd):
         raise UsageError("save reads the migration stream from stdin, which is a terminal")
     reader = fd_reader(fd, "stdin")
-    return pump_blocking(reader, transport.open_sink(), taps=taps)
+    return pump_blocking(reader, _save_sink(transport, name))
 
 
-async def save(uri: str, fd: int = 0, *, taps: tuple[Tap, ...] = ()) -> PumpStats:
+async def save(uri: str, fd: int = 0, *, name: str | None = None) -> PumpStats:
     """:func:`save_fd` from a trio task (runs in a worker thread; not cancellable)."""
     import trio
 
-    return await trio.to_thread.run_sync(lambda: save_fd(uri, fd, taps=taps))
+    return await trio.to_thread.run_sync(lambda: save_fd(uri, fd, name=name))
 
 
-async def copy(src: str, dst: str, *, taps: tuple[Tap, ...] = ()) -> PumpStats:
-    """Copy the stream at URI ``src`` to URI ``dst``. Both are validated before any I/O."""
+async def copy(src: str, dst: str, *, name: str | None = None) -> PumpStats:
+    """Copy the stream at ``src`` (raw, image or libvirt) to ``dst`` (image or raw).
+
+    Both URIs are validated before any I/O."""
     import trio
 
     reg = get_registry()
     src_t, dst_t = reg.resolve(src), reg.resolve(dst)
     source = await src_t.open_source()
     try:
-        sink = await trio.to_thread.run_sync(dst_t.open_sink)
+        sink = await trio.to_thread.run_sync(_save_sink, dst_t, name)
     except BaseException:
         await source.abort()
         raise
-    return await pump(source, sink, taps=taps)
+    return await pump(source, StreamReader(sink, src))
 
 
-def restore_fd(uri: str, fd: int = 1, *, taps: tuple[Tap, ...] = ()) -> PumpStats | None:
-    """Restore ``uri`` to ``fd`` with threads only, when its source allows (files).
-
-    Returns None, having done nothing, when the source needs an event loop: then use
-    :func:`restore`.
-    """
+def _reader_pump(uri: str, out: Sink, *, inspect: bool = False) -> tuple[PumpStats, StreamReader]:
+    """Run ``uri`` through a StreamReader into ``out``: threads for file-backed sources,
+    trio otherwise."""
     transport = get_registry().resolve(uri)
-    if os.isatty(fd):
-        raise UsageError("restore writes the migration stream to stdout, which is a terminal")
+    reader = StreamReader(out, uri, inspect=inspect)
     source = transport.open_threaded_source()
-    if source is None:
-        return None
-    try:
-        return pump_blocking(source.read_blocking, FdSink(fd, "stdout", close=False), taps=taps)
-    finally:
-        source.close()
+    if source is not None:
+        try:
+            return pump_blocking(source.read_blocking, reader), reader
+        finally:
+            source.close()
+
+    async def run() -> PumpStats:
+        return await pump(await transport.open_source(), reader)
+
+    return run_trio(run), reader
 
 
-async def restore(uri: str, fd: int = 1, *, taps: tuple[Tap, ...] = ()) -> PumpStats:
-    """Restore the stream at ``uri`` to ``fd`` (stdout)."""
-    transport = get_registry().resolve(uri)
+def restore_fd(uri: str, fd: int = 1) -> PumpStats:
+    """Restore ``uri`` (a raw stream, an image or a libvirt save image) to ``fd``."""
+    get_registry().resolve(uri)  # a bad URI is a usage error before anything else
     if os.isatty(fd):
         raise UsageError("restore writes the migration stream to stdout, which is a terminal")
+    return _reader_pump(uri, FdSink(fd, "stdout", close=False))[0]
+
+
+async def restore(uri: str, fd: int = 1) -> PumpStats:
+    """Restore ``uri`` to ``fd`` (stdout) from a trio task."""
+    transport = get_registry().resolve(uri)
     source = await transport.open_source()
-    return await pump(source, FdSink(fd, "stdout", close=False), taps=taps)
+    return await pump(source, StreamReader(FdSink(fd, "stdout", close=False), uri))
+
+
+def read_all(uri: str) -> StreamReader:
+    """Read the whole image or stream at ``uri`` and describe it (inspect, verify)."""
+    return _reader_pump(uri, NullSink(), inspect=True)[1]
+

@@ -7,6 +7,7 @@
      +-- TransportError              I/O failed while opening, moving or committing; exit 1
      |    +-- CommandError           an exec: command exited non-zero
      +-- StreamError                 the bytes are not (a complete) QEMU stream or image
+     +-- Interrupted                 a signal stopped the work
 
 Every message names the input it is about and the reason, on one line.
 """
@@ -44,3 +45,7 @@ class CommandError(TransportError):
 
 class StreamError(VMTransportError):
     """Data that is not a QEMU migration stream, or one that ended early."""
+
+
+class Interrupted(VMTransportError):
+    """A signal (SIGTERM, SIGINT, SIGHUP) stopped the work; half-written output is gone."""

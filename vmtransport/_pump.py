@@ -24,9 +24,9 @@ import mmap
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 from ._errors import VMTransportError
 from ._io import aligned_buffer, grow_pipe, read_some
@@ -34,8 +34,11 @@ from ._transport import Sink, Source
 
 BUFFER_SIZE: Final = 8 << 20
 BUFFERS: Final = 4
+#: seconds a failing pump_blocking waits for its writer thread before aborting the sink
+_WRITER_GRACE: Final = 2.0
 
 Tap = Callable[[memoryview], None]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -125,9 +128,16 @@ def pump_blocking(
                     full.put((buf, n))
                 else:
                     free.put(buf)
-        finally:
+        except BaseException:
+            # The read side failed, or a signal handler raised: do not wait for a writer
+            # stuck in a blocking write to a consumer that stopped reading (a SIGTERM
+            # would go unheeded). The sink's abort below unblocks or orphans it; it is a
+            # daemon thread.
             full.put(None)
-            thread.join()
+            thread.join(timeout=_WRITER_GRACE)
+            raise
+        full.put(None)
+        thread.join()
         if failed:
             raise failed[0]
         sink.commit()
@@ -228,3 +238,36 @@ async def pump(
     finally:
         _close_pool(pool)
     return PumpStats(total, time.monotonic() - start)
+
+
+def run_trio(job: Callable[[], Awaitable[T]]) -> T:
+    """Run ``job`` under trio; SIGTERM, SIGINT and SIGHUP cancel it (so both ends are
+    aborted and temporaries removed) and surface as :class:`Interrupted`."""
+    import signal
+
+    import trio
+
+    from ._errors import Interrupted
+
+    async def main() -> T:
+        result: list[T] = []
+        async with trio.open_nursery() as nursery:
+
+            async def work() -> None:
+                result.append(await job())
+                nursery.cancel_scope.cancel()
+
+            async def signals() -> None:
+                sigs = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+                with trio.open_signal_receiver(*sigs) as it:
+                    async for signum in it:
+                        raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
+
+            nursery.start_soon(signals)
+            nursery.start_soon(work)
+        return result[0]
+
+    try:
+        return trio.run(main)
+    except BaseExceptionGroup as group:
+        raise _first_error(group) from None

@@ -41,6 +41,18 @@ class Sink(abc.ABC):
         """The stream failed: undo (remove temporaries, stop children). Never raises."""
 
 
+class SeekableSink(Sink):
+    """A sink on a file: it can rewrite bytes it wrote before (an image's header).
+
+    ``rewrite`` takes a page-aligned buffer whose length is a multiple of 4096, at a
+    4096-aligned stream offset, so O_DIRECT sinks can use it as it is.
+    """
+
+    @abc.abstractmethod
+    def rewrite(self, offset: int, data: memoryview) -> None:
+        """Overwrite the stream's bytes at ``offset`` (relative to the stream's start)."""
+
+
 class Source(abc.ABC):
     """Where a stream comes from (restore direction). Exactly one of commit or abort ends it.
 
@@ -103,6 +115,8 @@ class Transport(abc.ABC):
     options: ClassVar[Mapping[str, str]] = {}
     #: the target is a command line taken verbatim (no ``,key=value`` options)
     raw_target: ClassVar[bool] = False
+    #: what a save writes: "image" (vmtransport image; needs a SeekableSink) or "raw"
+    save_format: str = "raw"
 
     def __init__(self, uri: URI) -> None:
         if uri.scheme != self.scheme:

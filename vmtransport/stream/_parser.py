@@ -310,6 +310,15 @@ def _good_records(mv: memoryview, pos: int, m: int, stride: int, low: int, limit
     return k
 
 
+def _runstate(t: bytes, pos: int, size: int) -> str | None:
+    """globalstate's payload: be32 length (with the NUL), then a 100-byte buffer."""
+    if size < 4 or pos + size > len(t):
+        return None
+    (n,) = struct.unpack_from(">I", t, pos)
+    raw = t[pos + 4 : pos + 4 + min(n, size - 4, 100)].split(b"\0", 1)[0]
+    return raw.decode("ascii", "replace") if raw and _printable(raw) else None
+
+
 @final
 class StreamParser:
     """Incremental parser of one QEMU migration stream.
@@ -363,6 +372,7 @@ class StreamParser:
         self._eof_offset: int | None = None
         self._complete = False
         self._description: dict[str, Any] | None = None
+        self._runstate: str | None = None
 
     # --- public interface ------------------------------------------------------------
 
@@ -394,6 +404,12 @@ class StreamParser:
     def ram_blocks(self) -> dict[str, BlockStats]:
         """Page counts per RAM block, from the setup block list and the page records."""
         return {n: BlockStats(*v) for n, v in self._blocks.items()}
+
+    @property
+    def runstate(self) -> str | None:
+        """The run state the stream records (``globalstate``), after close(): what the
+        destination does after loading (running, paused, prelaunch...)."""
+        return self._runstate
 
     @property
     def description(self) -> dict[str, Any] | None:
@@ -1063,6 +1079,8 @@ class StreamParser:
             if self._require_description:
                 raise StreamError(f"the VM description is missing (after {base + len(t)} bytes)")
         for start, size, off in sections:
+            if start.idstr == "globalstate":
+                self._runstate = _runstate(t, off - base + 14 + len(start.idstr), size)
             self._events.append(start)
             self._events.append(
                 DeviceSection(

@@ -48,15 +48,16 @@ class _Child:
 
     def _pump_stderr(self) -> None:
         assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            try:
-                sys.stderr.buffer.write(raw)
-                sys.stderr.flush()
-            except (OSError, ValueError):
-                pass
-            line = raw.decode(errors="replace").strip()
-            if line:
-                self.tail.append(line)
+        with self.proc.stderr:  # closed at EOF: no fd (or ResourceWarning) left behind
+            for raw in self.proc.stderr:
+                try:
+                    sys.stderr.buffer.write(raw)
+                    sys.stderr.flush()
+                except (OSError, ValueError):
+                    pass
+                line = raw.decode(errors="replace").strip()
+                if line:
+                    self.tail.append(line)
 
     def wait(self) -> int:
         code = self.proc.wait()

@@ -7,13 +7,13 @@ from collections.abc import Mapping
 from typing import ClassVar, final
 
 from .._io import FileSource, io_error, write_all
-from .._transport import Sink, Source, ThreadedSource, Transport
+from .._transport import SeekableSink, Sink, Source, ThreadedSource, Transport
 from .._uri import URI
 from ._target import AtomicTarget
 
 
 @final
-class FileSink(Sink):
+class FileSink(SeekableSink):
     def __init__(self, target: AtomicTarget) -> None:
         self._target = target
         self._written = 0
@@ -24,6 +24,9 @@ class FileSink(Sink):
         except OSError as exc:
             raise io_error(f"writing {self._target.label}", exc) from exc
         self._written += len(data)
+
+    def rewrite(self, offset: int, data: memoryview) -> None:
+        self._target.rewrite(offset, data)
 
     def commit(self) -> None:
         self._target.commit(self._written)
@@ -51,11 +54,13 @@ class FileTransport(Transport):
     scheme = "file"
     summary = "regular file, buffered; saves are atomic (temporary + rename)"
     options: ClassVar[Mapping[str, str]] = {
-        "offset": "byte offset of the stream in the file (bytes before it are kept)"
+        "offset": "byte offset of the stream in the file (bytes before it are kept)",
+        "format": "what a save writes: image (default: header, checksum) or raw (bare stream)",
     }
 
     def __init__(self, uri: URI) -> None:
         super().__init__(uri)
+        self.save_format = self.choice_option("format", ("image", "raw"))
         self.offset = self.int_option("offset", 0)
 
     def open_sink(self) -> Sink:

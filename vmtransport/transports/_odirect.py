@@ -12,13 +12,14 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import mmap
 import os
 from collections.abc import Mapping
 from typing import ClassVar, final
 
 from .._errors import TransportError
 from .._io import DIRECT_ALIGN, FileSource, aligned_buffer, drop_cache, io_error, write_all
-from .._transport import Sink, Source, ThreadedSource, Transport
+from .._transport import SeekableSink, Sink, Source, ThreadedSource, Transport
 from .._uri import URI
 from ._file import open_for_reading
 from ._target import AtomicTarget
@@ -28,6 +29,7 @@ log = logging.getLogger("vmtransport")
 _SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
 #: buffered fallback: write back and drop the page cache every this many bytes
 _DROP_WINDOW = 32 << 20
+_STAGE = 1 << 20
 
 
 def _warn_fallback(label: str, exc: OSError) -> None:
@@ -39,12 +41,14 @@ def _warn_fallback(label: str, exc: OSError) -> None:
 
 
 @final
-class DirectSink(Sink):
+class DirectSink(SeekableSink):
     def __init__(self, target: AtomicTarget, direct: bool) -> None:
         self._t = target
         self._direct = direct
         self._written = 0
-        self._tail_done = False
+        self._pad = aligned_buffer(DIRECT_ALIGN)  # a block not yet whole: written at the end
+        self._carry = 0  # bytes in _pad
+        self._stage: mmap.mmap | None = None  # for buffers that are not page aligned
         self._synced = 0  # buffered fallback: bytes written back and dropped
         if not direct:
             import ctypes
@@ -57,19 +61,46 @@ class DirectSink(Sink):
             self._sync_range = libc.sync_file_range
 
     def _write_direct(self, data: memoryview) -> None:
-        if self._tail_done:
-            raise TransportError(f"writing {self._t.label}: unaligned write before the end")
+        # The pump hands page-aligned buffers of whole blocks: they go straight to the
+        # disk. Anything else (a copy from a libvirt image, whose stream starts at an odd
+        # offset) is carried or staged through aligned memory.
+        fd = self._t.fd
+        if self._carry:
+            take = min(DIRECT_ALIGN - self._carry, len(data))
+            self._pad[self._carry : self._carry + take] = data[:take]
+            self._carry += take
+            data = data[take:]
+            if self._carry < DIRECT_ALIGN:
+                return
+            write_all(fd, memoryview(self._pad))
+            self._carry = 0
         cut = len(data) - len(data) % DIRECT_ALIGN
-        write_all(self._t.fd, data[:cut])
-        if cut < len(data):
-            # The tail: copy into a zeroed aligned block, write it whole; commit truncates.
-            pad = aligned_buffer(DIRECT_ALIGN)
+        if cut:
             try:
-                pad[: len(data) - cut] = data[cut:]
-                write_all(self._t.fd, memoryview(pad))
-            finally:
-                pad.close()
-            self._tail_done = True
+                write_all(fd, data[:cut])
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._write_staged(data[:cut])  # EINVAL: the buffer is not page aligned
+        if cut < len(data):
+            self._carry = len(data) - cut
+            self._pad[: self._carry] = data[cut:]
+
+    def _write_staged(self, data: memoryview) -> None:
+        if self._stage is None:
+            self._stage = aligned_buffer(_STAGE)
+        for pos in range(0, len(data), _STAGE):
+            piece = data[pos : pos + _STAGE]
+            self._stage[: len(piece)] = piece
+            with memoryview(self._stage) as stage:
+                write_all(self._t.fd, stage[: len(piece)])
+
+    def _flush_tail(self) -> None:
+        """The last, partial block: zero-padded and written whole; commit truncates."""
+        if self._carry:
+            self._pad[self._carry :] = bytes(DIRECT_ALIGN - self._carry)
+            write_all(self._t.fd, memoryview(self._pad))
+            self._carry = 0
 
     def _write_buffered(self, data: memoryview) -> None:
         write_all(self._t.fd, data)
@@ -99,8 +130,17 @@ class DirectSink(Sink):
             raise io_error(f"writing {self._t.label}", exc) from exc
         self._written += len(data)
 
+    def rewrite(self, offset: int, data: memoryview) -> None:
+        self._t.rewrite(offset, data)
+
     def commit(self) -> None:
-        if not self._direct:
+        if self._direct:
+            try:
+                self._flush_tail()
+            except OSError as exc:
+                self._t.abort()
+                raise io_error(f"writing {self._t.label}", exc) from exc
+        else:
             try:
                 os.fdatasync(self._t.fd)
             except OSError as exc:
@@ -176,10 +216,12 @@ class ODirectTransport(Transport):
     options: ClassVar[Mapping[str, str]] = {
         "offset": f"byte offset of the stream (a multiple of {DIRECT_ALIGN})",
         "fallback": "what to do where O_DIRECT is refused: buffered (default, warns) or error",
+        "format": "what a save writes: image (default: header, checksum) or raw (bare stream)",
     }
 
     def __init__(self, uri: URI) -> None:
         super().__init__(uri)
+        self.save_format = self.choice_option("format", ("image", "raw"))
         self.offset = self.int_option("offset", 0, multiple_of=DIRECT_ALIGN)
         self.fallback = self.choice_option("fallback", ("buffered", "error"))
 

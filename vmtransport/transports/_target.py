@@ -110,6 +110,17 @@ class AtomicTarget:
         drop_cache(self.fd, 0, self.offset)
         os.lseek(self.fd, self.offset, os.SEEK_SET)
 
+    def rewrite(self, offset: int, data: memoryview) -> None:
+        """pwrite at a stream offset (after ``offset=N``'s prefix)."""
+        pos = self.offset + offset
+        try:
+            while data:
+                n = os.pwrite(self.fd, data, pos)
+                data = data[n:]
+                pos += n
+        except OSError as exc:
+            raise io_error(f"writing {self.label}", exc) from exc
+
     def commit(self, length: int) -> None:
         """Sync, close and (for temporaries) rename; ``length`` is the stream's length."""
         try:
