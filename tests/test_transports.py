@@ -1,6 +1,11 @@
 """The built-in transports, both directions, through the real ``vmtransport`` command
 (``save`` from stdin, ``restore`` to stdout, ``copy``) and the async API: real files,
-pipes, sockets, mounts (ramfs, tmpfs) and shell commands."""
+pipes, sockets, mounts (ramfs, tmpfs) and shell commands.
+
+save/restore/copy validate what passes as a QEMU migration stream, so the payloads are
+synthetic QEMU streams (:func:`qemu_stream`: random RAM pages, any length); byte-exact
+checks use ``format=raw`` or the byte-level API (``open_sink``/``open_source``).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,14 @@ import array
 import errno
 import fcntl
 import hashlib
+import json
 import mmap
 import os
+import random
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -33,8 +41,9 @@ from vmtransport._pagecache import cached_bytes
 VMT = Path(sys.executable).parent / "vmtransport"
 MIB = 1 << 20
 TIMEOUT = 60
-SIZES = [0, 3 * MIB + 123, 50 * MIB + 7]
-SIZE_IDS = ["empty", "3MiB+123", "50MiB+7"]
+PAGE = 4096
+SIZES = [3 * MIB, 50 * MIB]  # approximate: the streams' lengths are never page multiples
+SIZE_IDS = ["3MiB", "50MiB"]
 IS_ROOT = os.geteuid() == 0
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -48,6 +57,90 @@ def root_only(test: F) -> F:
 
 
 Stdin = int | IO[bytes] | None
+
+
+# --- QEMU streams ---------------------------------------------------------------------------
+
+_SID = 2  # the RAM section's id
+_BLOCK = "pc.ram"
+
+
+def _name(s: str) -> bytes:
+    return bytes((len(s),)) + s.encode()
+
+
+def _ram_setup(block_size: int) -> bytes:
+    """Header, configuration, and the RAM section's START with its block list."""
+    machine = b"pc-i440fx-7.2"
+    return b"".join(
+        [
+            b"QEVM" + struct.pack(">I", 3),
+            b"\x07" + struct.pack(">I", len(machine)) + machine,
+            b"\x01" + struct.pack(">I", _SID) + _name("ram") + struct.pack(">II", 0, 4),
+            struct.pack(">Q", block_size | 0x04) + _name(_BLOCK) + struct.pack(">Q", block_size),
+            struct.pack(">Q", 0x10) + b"\x7e" + struct.pack(">I", _SID),
+        ]
+    )
+
+
+def _ram_part(pages: Sequence[memoryview | bytes], first: int, block_size: int) -> bytes:
+    """One PART section of the RAM section carrying ``pages`` from page number ``first``."""
+    out = [b"\x02" + struct.pack(">I", _SID)]
+    for i, page in enumerate(pages):
+        off = ((first + i) * PAGE) % block_size
+        if i == 0:
+            out.append(struct.pack(">Q", off | 0x08) + _name(_BLOCK))
+        else:
+            out.append(struct.pack(">Q", off | 0x28))  # RAM_SAVE_FLAG_CONTINUE
+        out.append(bytes(page))
+    out.append(struct.pack(">Q", 0x10) + b"\x7e" + struct.pack(">I", _SID))
+    return b"".join(out)
+
+
+def _ram_end(pad: int = 0) -> bytes:
+    """The RAM section's END, QEMU's EOF marker, and the VM description (``pad`` bytes
+    of filler in it tune the stream's length)."""
+    desc = json.dumps({"page_size": PAGE, "devices": [], "pad": "x" * pad}).encode()
+    return b"".join(
+        [
+            b"\x03" + struct.pack(">I", _SID) + struct.pack(">Q", 0x10),
+            b"\x7e" + struct.pack(">I", _SID),
+            b"\x00",
+            b"\x06" + struct.pack(">I", len(desc)) + desc,
+        ]
+    )
+
+
+def qemu_stream(pages: int, *, seed: int = 0, pad: int = 0) -> bytes:
+    """A complete, valid QEMU migration stream with ``pages`` random RAM pages."""
+    block_size = max(64 * MIB, -(-pages * PAGE // MIB) * MIB)
+    data = memoryview(random.Random(seed).randbytes(pages * PAGE))
+    parts = [_ram_setup(block_size)]
+    per_part = 256
+    for first in range(0, pages, per_part):
+        chunk = [data[i * PAGE : (i + 1) * PAGE] for i in range(first, min(pages, first + per_part))]
+        parts.append(_ram_part(chunk, first, block_size))
+    parts.append(_ram_end(pad))
+    return b"".join(parts)
+
+
+def stream_of_about(size: int, *, seed: int = 0) -> bytes:
+    """A valid stream of about ``size`` bytes whose length is not a multiple of 4096."""
+    s = qemu_stream(max(1, size // (PAGE + 8)), seed=seed)
+    assert len(s) % PAGE, "tune pad"
+    return s
+
+
+def big_stream(total: int) -> Iterator[bytes]:
+    """A valid stream of at least ``total`` bytes, cheaply: one 1 MiB RAM section
+    (the same 256 pages) repeated."""
+    block_size = 64 * MIB
+    pages = [random.Random(1).randbytes(PAGE)] * 256
+    yield _ram_setup(block_size)
+    part = _ram_part(pages, 0, block_size)
+    for _ in range(-(-total // len(part))):
+        yield part
+    yield _ram_end()
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -139,20 +232,22 @@ def fs_type(path: Path) -> str:
     ).stdout.strip()
 
 
-def make_payload(path: Path, size: int) -> Path:
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 8 * MIB)
-            f.write(os.urandom(n))
-            left -= n
+def make_stream(path: Path, size: int, *, seed: int = 0) -> Path:
+    """Write a valid QEMU stream of about ``size`` bytes to ``path``."""
+    path.write_bytes(stream_of_about(size, seed=seed))
     return path
 
 
 @pytest.fixture(scope="module")
 def payloads(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     d = tmp_path_factory.mktemp("payloads")
-    return {size: make_payload(d / f"p{size}", size) for size in SIZES}
+    return {size: make_stream(d / f"p{size}", size, seed=size) for size in SIZES}
+
+
+@pytest.fixture(scope="module")
+def small() -> bytes:
+    """A small valid stream (3 pages)."""
+    return qemu_stream(3, seed=3)
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ registry and the transports add (unknown scheme, unknown option, option values).
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from vmtransport import URI, Registry, URIError, UsageError, parse_uri
@@ -90,9 +88,9 @@ def test_exec_transport_parses_raw(registry: Registry) -> None:
 
 def test_uri_is_frozen() -> None:
     uri = parse_uri("file:/x,offset=1")
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         uri.target = "/y"  # type: ignore[misc]
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         uri.options = {}  # type: ignore[misc]
     assert uri.target == "/x"
 

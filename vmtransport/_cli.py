@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from . import _log
 from ._copy import copy, restore_fd, save_fd
 from ._errors import Interrupted, UsageError, VMTransportError
 from ._pump import run_trio
 from ._registry import get_registry
-
-log = logging.getLogger("vmtransport")
+from ._version import __version__
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = "-v" in (argv if argv is not None else sys.argv[1:]) or "--verbose" in (
         argv if argv is not None else sys.argv[1:]
     )
-    logging.basicConfig(format="vmtransport: %(levelname)s: %(message)s", level=logging.INFO)
+    _log.cli_stderr = True
     try:
         args = _parser().parse_args(argv)
         if args.command == "plugins":
@@ -91,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ._inspect import describe, render
 
             doc = describe(_as_uri(args.image))
+            import json
+
             print(json.dumps(doc, indent=2) if args.json else render(doc))
             return 0
         if args.command == "verify":
@@ -119,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise exc from None
         if isinstance(exc, VMTransportError):
             if verbose:
-                log.exception("traceback", exc_info=exc)
+                _log.logger().error("traceback", exc_info=exc)
             print(f"vmtransport: error: {exc}", file=sys.stderr)
             return exc.exit_code
         if isinstance(exc, KeyboardInterrupt):
@@ -127,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 130
         raise
     if verbose:
-        log.info(
+        _log.logger().info(
             "%s: %d bytes in %.2f s (%.0f MiB/s)", what, stats.bytes, stats.seconds,
             stats.mib_per_s,
         )

@@ -25,14 +25,9 @@ either pump (threads, or trio) and see exactly the bytes that move:
 
 from __future__ import annotations
 
-import datetime
-import json
 import struct
-import subprocess
-import threading
 import zlib
-from dataclasses import dataclass, field
-from typing import Any, Final, final
+from typing import Any, Final, NamedTuple, final
 
 from ._errors import StreamError, TransportError
 from ._io import aligned_buffer
@@ -65,13 +60,12 @@ _KINDS = {PAYLOAD_STREAM: "qemu-stream", PAYLOAD_MAPPED_RAM: "qemu-mapped-ram"}
 
 
 @final
-@dataclass(frozen=True)
-class ImageHeader:
+class ImageHeader(NamedTuple):
     state: int
     payload_length: int
     checksum: bytes
     eof_offset: int
-    metadata: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any]
     payload_kind: int = PAYLOAD_STREAM
     payload_offset: int = HEADER_SIZE
     checksum_algorithm: int = CHECKSUM_XXH3_128
@@ -90,7 +84,7 @@ class ImageHeader:
         return _KINDS.get(self.payload_kind, f"unknown({self.payload_kind})")
 
     def encode(self) -> bytes:
-        meta = json.dumps(self.metadata, sort_keys=True, separators=(",", ":")).encode()
+        meta = _json_bytes(self.metadata) if self.metadata else b"{}"
         if len(meta) > MAX_METADATA:
             raise StreamError(f"image metadata too large ({len(meta)} bytes)")
         buf = bytearray(HEADER_SIZE)
@@ -128,6 +122,8 @@ class ImageHeader:
             raise StreamError(f"{label}: unknown checksum algorithm {algo}")
         if state == STATE_COMPLETE and not 0 <= plen - eof <= MAX_WITHHELD:
             raise StreamError(f"{label}: inconsistent image header (EOF at {eof} of {plen})")
+        import json
+
         try:
             meta = json.loads(bytes(raw[METADATA_AT : METADATA_AT + mlen]) or b"{}")
         except (UnicodeDecodeError, ValueError) as exc:
@@ -135,6 +131,12 @@ class ImageHeader:
         if not isinstance(meta, dict):
             raise StreamError(f"{label}: image metadata is not a JSON object")
         return cls(state, plen, csum, eof, meta, kind, poff, algo, version)
+
+
+def _json_bytes(obj: dict[str, Any]) -> bytes:
+    import json  # not at import time: every helper start counts (see _pump)
+
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _hasher() -> Any:
@@ -235,12 +237,13 @@ class ImageWriter(StreamWriter):
 
 
 def save_metadata(name: str | None) -> dict[str, Any]:
-    from . import __version__
+    import time
 
-    now = datetime.datetime.now(datetime.UTC)
+    from ._version import __version__
+
     return {
         "name": name,
-        "created": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "vmtransport_version": __version__,
     }
 
@@ -273,6 +276,9 @@ class _Decompressor:
     thread; a thread moves its stdout on to the stream consumer."""
 
     def __init__(self, tool: str, label: str, consume: Any) -> None:
+        import subprocess
+        import threading
+
         self.label = label
         try:
             self.proc = subprocess.Popen(

@@ -19,8 +19,7 @@ from __future__ import annotations
 import struct
 import sys
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
-from typing import Final, Literal, final
+from typing import Final, Literal, NamedTuple, final
 
 from ._errors import StreamError
 
@@ -44,8 +43,7 @@ _FIELDS = struct.Struct("=5I")
 
 
 @final
-@dataclass(frozen=True, slots=True)
-class LibvirtHeader:
+class LibvirtHeader(NamedTuple):
     """What a libvirt save image says about itself."""
 
     #: True for "LibvirtQemudPart": libvirt never finished writing it; refuse it.

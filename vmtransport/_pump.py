@@ -25,8 +25,7 @@ import queue
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Final, TypeVar
+from typing import Final, NamedTuple, TypeVar
 
 from ._errors import VMTransportError
 from ._io import aligned_buffer, grow_pipe, read_some
@@ -41,8 +40,7 @@ Tap = Callable[[memoryview], None]
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class PumpStats:
+class PumpStats(NamedTuple):
     bytes: int
     seconds: float
 

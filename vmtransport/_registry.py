@@ -15,8 +15,7 @@ import importlib
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import cast
+from typing import NamedTuple, cast
 
 import pluggy
 
@@ -26,8 +25,7 @@ from ._transport import Transport
 from ._uri import split_scheme
 
 
-@dataclass(frozen=True)
-class EntryPoint:
+class EntryPoint(NamedTuple):
     name: str
     value: str  #: "module" or "module:attr.attr"
     dist: str
@@ -104,8 +102,7 @@ def find_entry_points(group: str) -> list[EntryPoint]:
     return found
 
 
-@dataclass(frozen=True)
-class TransportInfo:
+class TransportInfo(NamedTuple):
     scheme: str
     transport: type[Transport]
     plugin: str  #: the plugin's registered name

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import final
 
 from ._errors import URIError
 
@@ -22,17 +22,34 @@ def _frozen(d: Mapping[str, str]) -> Mapping[str, str]:
     return MappingProxyType(dict(d))
 
 
-@dataclass(frozen=True)
+@final
 class URI:
-    """A parsed transport URI. ``options`` is a read-only mapping."""
+    """A parsed transport URI: immutable; ``options`` is a read-only mapping."""
 
+    __slots__ = ("options", "scheme", "target", "text")
     scheme: str
     target: str
-    options: Mapping[str, str] = field(default_factory=lambda: _frozen({}))
-    text: str = ""
+    options: Mapping[str, str]
+    text: str
+
+    def __init__(
+        self, scheme: str, target: str, options: Mapping[str, str] | None = None, text: str = ""
+    ) -> None:
+        for k, v in (("scheme", scheme), ("target", target), ("text", text)):
+            object.__setattr__(self, k, v)
+        object.__setattr__(self, "options", _frozen(options or {}))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"URI is immutable: cannot set {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"URI is immutable: cannot delete {name!r}")
 
     def __str__(self) -> str:
         return self.text or f"{self.scheme}:{self.target}"
+
+    def __repr__(self) -> str:
+        return f"URI({self.scheme!r}, {self.target!r}, {dict(self.options)!r})"
 
     def __hash__(self) -> int:
         return hash((self.scheme, self.target, tuple(sorted(self.options.items()))))

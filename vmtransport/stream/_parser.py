@@ -28,10 +28,8 @@ bitmaps) are delimited on the fly by their footer.
 
 from __future__ import annotations
 
-import json
 import struct
-from dataclasses import dataclass
-from typing import Any, Final, final
+from typing import Any, Final, NamedTuple, final
 
 from .._errors import StreamError
 
@@ -112,16 +110,14 @@ _CMD_HDR = struct.Struct(">BHH")
 
 
 @final
-@dataclass(frozen=True, slots=True)
-class Header:
+class Header(NamedTuple):
     """The stream's magic and version were read (the version is always 3)."""
 
     version: int
 
 
 @final
-@dataclass(frozen=True, slots=True)
-class Configuration:
+class Configuration(NamedTuple):
     """The configuration section: machine type and, when present, its subsections."""
 
     machine_type: str
@@ -132,8 +128,7 @@ class Configuration:
 
 
 @final
-@dataclass(frozen=True, slots=True)
-class SectionStart:
+class SectionStart(NamedTuple):
     """A START or FULL section header."""
 
     section_type: str  # 'start' | 'full'
@@ -144,8 +139,7 @@ class SectionStart:
 
 
 @final
-@dataclass(frozen=True, slots=True)
-class RAMBlock:
+class RAMBlock(NamedTuple):
     """One entry of the RAM setup block list."""
 
     name: str
@@ -153,8 +147,7 @@ class RAMBlock:
 
 
 @final
-@dataclass(frozen=True, slots=True)
-class Command:
+class Command(NamedTuple):
     """A QEMU_VM_COMMAND (no footer follows it)."""
 
     cmd: int
@@ -166,8 +159,7 @@ class Command:
 
 
 @final
-@dataclass(frozen=True, slots=True)
-class DeviceSection:
+class DeviceSection(NamedTuple):
     """A non-RAM START or FULL section whose payload size is known."""
 
     idstr: str
@@ -181,16 +173,14 @@ class DeviceSection:
 
 
 @final
-@dataclass(frozen=True, slots=True)
-class EOF:
+class EOF(NamedTuple):
     """QEMU's EOF marker, the 0x00 section type, is at stream offset ``offset``."""
 
     offset: int
 
 
 @final
-@dataclass(frozen=True, slots=True)
-class VMDescription:
+class VMDescription(NamedTuple):
     """The JSON description QEMU appends after EOF."""
 
     json: dict[str, Any]
@@ -202,8 +192,7 @@ Event = (
 
 
 @final
-@dataclass(frozen=True, slots=True)
-class BlockStats:
+class BlockStats(NamedTuple):
     """Per RAM block counters of the page records seen in the stream."""
 
     used_length: int
@@ -1117,6 +1106,8 @@ class StreamParser:
                     f"(at offset {base + q + 6 + ln})"
                 )
             try:
+                import json  # only at the end of a stream: keeps helper start-up short
+
                 desc = json.loads(t[q + 6 :])
             except (ValueError, UnicodeDecodeError) as exc:
                 raise StreamError(f"the VM description is not valid JSON: {exc}") from exc

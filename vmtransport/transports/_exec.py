@@ -9,14 +9,15 @@ from __future__ import annotations
 import collections
 import os
 import signal
-import subprocess
 import sys
-import threading
-from typing import final
+from typing import TYPE_CHECKING, final
 
 from .._errors import CommandError, TransportError
 from .._io import FdSink, FdSource
 from .._transport import Sink, Source, Transport
+
+if TYPE_CHECKING:
+    pass
 
 _TAIL_LINES = 5
 
@@ -25,6 +26,10 @@ class _Child:
     """The running command, with a thread teeing its stderr and keeping the tail."""
 
     def __init__(self, cmd: str, label: str, *, stdin: bool) -> None:
+        # Imported here: loading the built-in transports must stay cheap (see _pump).
+        import subprocess
+        import threading
+
         self.label = label
         self.tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
         try:
@@ -75,6 +80,8 @@ class _Child:
             raise self.failure(code)
 
     def kill(self) -> None:
+        import subprocess
+
         if self.proc.poll() is None:
             try:
                 self.proc.send_signal(signal.SIGTERM)

@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import logging
 import mmap
 import os
 from collections.abc import Mapping
 from typing import ClassVar, final
 
+from .. import _log
 from .._errors import TransportError
 from .._io import DIRECT_ALIGN, FileSource, aligned_buffer, drop_cache, io_error, write_all
 from .._transport import SeekableSink, Sink, Source, ThreadedSource, Transport
 from .._uri import URI
 from ._file import open_for_reading
 from ._target import AtomicTarget
-
-log = logging.getLogger("vmtransport")
 
 _SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
 #: buffered fallback: write back and drop the page cache every this many bytes
@@ -33,7 +31,7 @@ _STAGE = 1 << 20
 
 
 def _warn_fallback(label: str, exc: OSError) -> None:
-    log.warning(
+    _log.warning(
         "%s: the filesystem refuses O_DIRECT (%s); using buffered I/O that drops its pages",
         label,
         exc.strerror,
