@@ -6,6 +6,9 @@
 Per QEMU version, every round runs each contender once, in turn (alternating, so drift
 hits all alike), with a cold page cache (``drop_caches``) before each run:
 
+Images: vmtransport's contenders write and read vmtransport images (the default: a
+64 KiB header, then the stream, checksummed); the others write and read the bare stream.
+
 save:    the producer's limit (a 1 MiB-pipe discard sink), vmtransport odirect: and
          file:, ``exec:cat > FILE``, libvirt_iohelper with an O_DIRECT fd, and on QEMU
          >= 10 native ``file:`` and ``file:`` + mapped-ram + multifd + direct-io.
@@ -91,12 +94,15 @@ RESTORES = [
               lambda i, c: timed(f"{LIMITS} serve /dev/shm/vmtbench-img", c), limit=True),
     Contender("vmtransport restore odirect:",
               lambda i, c: timed(f"{VMT} restore odirect:{i}", c)),
-    Contender("vmtransport restore file:", lambda i, c: timed(f"{VMT} restore file:{i}", c)),
-    Contender("exec:cat FILE", lambda i, c: timed(f"cat {i}", c)),
+    Contender("vmtransport restore file:", lambda i, c: timed(f"{VMT} restore file:{i}", c),
+              image="img-file"),
+    Contender("exec:cat FILE", lambda i, c: timed(f"cat {i}", c), image="img-cat"),
     Contender("dd iflag=direct bs=1M",
-              lambda i, c: timed(f"dd if={i} iflag=direct bs=1M status=none", c)),
+              lambda i, c: timed(f"dd if={i} iflag=direct bs=1M status=none", c),
+              image="img-cat"),
     Contender("libvirt_iohelper (O_DIRECT)",
-              lambda i, c: timed(f"{LIMITS} odirect-exec r {i} {IOHELPER} {i} {{fd}}", c)),
+              lambda i, c: timed(f"{LIMITS} odirect-exec r {i} {IOHELPER} {i} {{fd}}", c),
+              image="img-iohelper"),
     Contender("QEMU native file:", lambda i, c: f"file:{i}", image="img-native", min_qemu=10,
               helper=False),
     Contender("QEMU file: mapped-ram+multifd(2)+direct-io", lambda i, c: f"file:{i}",
@@ -227,7 +233,9 @@ def bench_version(version: str, qemu: str, args: argparse.Namespace) -> list[str
             save_runs[c.name].append(r)
             print(f"  qemu {version} round {rnd + 1} save    {c.name}: {r.seconds:.2f} s",
                   file=sys.stderr, flush=True)
-        shutil.copyfile(work / "img", "/dev/shm/vmtbench-img")
+        # The limit serves the bare stream (cat's output) from tmpfs; vmtransport's own
+        # saves are images (a 64 KiB header before the same stream).
+        shutil.copyfile(work / "img-cat", "/dev/shm/vmtbench-img")
         for c in restores:
             r = run_restore(qemu, work, src_ram, args.mem_mib, c, verify=rnd == 0)
             restore_runs[c.name].append(r)

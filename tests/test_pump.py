@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from test_transports import big_stream
 
 import vmtransport
 from vmtransport import Sink, TransportError
@@ -352,17 +353,24 @@ def test_failing_tap_aborts_the_sink(tmp_path: Path, pipe: Pipe) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-async def test_failing_tap_aborts_both_ends_async(tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    src.write_bytes(os.urandom(MIB))
+async def test_failing_tap_aborts_both_ends_async(tmp_path: Path, pipe: Pipe) -> None:
+    r = pipe.r
     image = tmp_path / "vm.sav"
+    sink = _file_sink(image)
+    source = FdSource(r, "test pipe", close=False)
+    calls: list[int] = []
 
     def tap(view: memoryview) -> None:
+        calls.append(len(view))
         raise ValueError("tap says no")
 
-    with trio.fail_after(TIMEOUT), pytest.raises(ValueError, match="tap says no"):
-        await vmtransport.copy(f"file:{src}", f"file:{image}", taps=(tap,))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    with Producer(pipe.take_w(), os.urandom(MIB)) as producer:
+        with trio.fail_after(TIMEOUT), pytest.raises(ValueError, match="tap says no"):
+            await vmtransport.pump(source, sink, taps=(tap,), buffer_size=64 * KIB)
+        producer.stop.set()
+    assert calls == [64 * KIB]
+    assert list(tmp_path.iterdir()) == []
+    assert os.get_blocking(r)  # the source was aborted: its flags are back
 
 
 async def test_cancelled_pump_aborts_the_sink(tmp_path: Path, pipe: Pipe) -> None:
@@ -383,13 +391,30 @@ async def test_cancelled_pump_aborts_the_sink(tmp_path: Path, pipe: Pipe) -> Non
 
 
 def test_save_2gib_in_bounded_memory() -> None:
-    """The real helper streams 2 GiB through its fixed pool: max RSS well below 100 MiB."""
-    head = subprocess.Popen(["head", "-c", "2G", "/dev/zero"], stdout=subprocess.PIPE)
-    assert head.stdout is not None
+    """The real helper streams (and validates) a 2 GiB QEMU stream through its fixed
+    pool: max RSS well below 100 MiB."""
+    rfd, wfd = os.pipe()
+    total = 0
+
+    def produce() -> None:
+        nonlocal total
+        try:
+            for chunk in big_stream(2 << 30):
+                os.write(wfd, chunk)  # blocking: all of it
+                total += len(chunk)
+        except BrokenPipeError:
+            pass
+        finally:
+            os.close(wfd)
+
     proc = subprocess.Popen(
-        [str(VMT), "-v", "save", "file:/dev/null"], stdin=head.stdout, stderr=subprocess.PIPE
+        [str(VMT), "-v", "save", "file:/dev/null,format=raw"],
+        stdin=rfd,
+        stderr=subprocess.PIPE,
     )
-    head.stdout.close()
+    os.close(rfd)
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
     try:
         deadline = time.monotonic() + TIMEOUT
         while True:
@@ -407,10 +432,10 @@ def test_save_2gib_in_bounded_memory() -> None:
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
-        head.kill()
-        head.wait(TIMEOUT)
+        producer.join(TIMEOUT)
     assert proc.returncode == 0, err
-    assert "saved to file:/dev/null: 2147483648 bytes" in err
+    assert total > 2 << 30
+    assert f"saved to file:/dev/null,format=raw: {total} bytes" in err
     max_rss = usage.ru_maxrss * 1024  # KiB on Linux
     assert max_rss < 100 * MIB, f"max RSS {max_rss / MIB:.0f} MiB"
     assert max_rss > BUFFERS * BUFFER_SIZE // 2  # sanity: this is the helper's own RSS

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from test_transports import qemu_stream
 
 import vmtransport
 from vmtransport import PluginError, Registry, Transport, URIError
@@ -248,7 +249,7 @@ def test_cli_plugins_lists_the_entry_point(demo_site: Path) -> None:
 
 def test_cli_save_and_restore_through_the_plugin(demo_site: Path, tmp_path: Path) -> None:
     env = env_with(demo_site)
-    payload = os.urandom(3 * (1 << 20) + 123)
+    payload = qemu_stream(700, seed=5)  # save and restore want a QEMU stream
     image = tmp_path / "vm.xor"
     r = vmt("save", f"xor:{image}", env=env, input=payload)
     assert r.returncode == 0, r.stderr
@@ -260,7 +261,7 @@ def test_cli_save_and_restore_through_the_plugin(demo_site: Path, tmp_path: Path
     assert r.stdout == payload
     # copy between the plugin's scheme and a built-in one, both ways
     plain = tmp_path / "vm.raw"
-    r = vmt("copy", f"xor:{image}", f"file:{plain}", env=env)
+    r = vmt("copy", f"xor:{image}", f"file:{plain},format=raw", env=env)
     assert r.returncode == 0, r.stderr
     assert plain.read_bytes() == payload
     again = tmp_path / "again.xor"

@@ -37,6 +37,7 @@ import trio
 import vmtransport
 from vmtransport import TransportError
 from vmtransport._pagecache import cached_bytes
+from vmtransport._pump import fd_reader, pump_blocking
 
 VMT = Path(sys.executable).parent / "vmtransport"
 MIB = 1 << 20
@@ -118,7 +119,9 @@ def qemu_stream(pages: int, *, seed: int = 0, pad: int = 0) -> bytes:
     parts = [_ram_setup(block_size)]
     per_part = 256
     for first in range(0, pages, per_part):
-        chunk = [data[i * PAGE : (i + 1) * PAGE] for i in range(first, min(pages, first + per_part))]
+        chunk = [
+            data[i * PAGE : (i + 1) * PAGE] for i in range(first, min(pages, first + per_part))
+        ]
         parts.append(_ram_part(chunk, first, block_size))
     parts.append(_ram_end(pad))
     return b"".join(parts)
@@ -288,54 +291,95 @@ def disk_dir(tmp_path: Path) -> Iterator[Path]:
 # --- file: ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scheme", ["file", "odirect"])
-@pytest.mark.parametrize("size", SIZES, ids=SIZE_IDS)
-def test_round_trip(payloads: dict[int, Path], disk_dir: Path, scheme: str, size: int) -> None:
+@pytest.mark.parametrize(
+    ("scheme", "size", "fmt"),
+    [
+        ("file", SIZES[0], "image"),
+        ("file", SIZES[0], "raw"),
+        ("file", SIZES[1], "image"),
+        ("odirect", SIZES[0], "image"),
+        ("odirect", SIZES[0], "raw"),
+        ("odirect", SIZES[1], "raw"),
+    ],
+    ids=[
+        "file-3MiB-image",
+        "file-3MiB-raw",
+        "file-50MiB-image",
+        "odirect-3MiB-image",
+        "odirect-3MiB-raw",
+        "odirect-50MiB-raw",
+    ],
+)
+def test_round_trip(
+    payloads: dict[int, Path], disk_dir: Path, scheme: str, size: int, fmt: str
+) -> None:
     src = payloads[size]
+    length = src.stat().st_size
     image = disk_dir / "vm.sav"
+    uri = f"{scheme}:{image}" + (",format=raw" if fmt == "raw" else "")
     with open(src, "rb") as f:
-        r = vmt("save", f"{scheme}:{image}", stdin=f)
+        r = vmt("save", uri, stdin=f)
     assert r.returncode == 0, r.stderr
     assert r.stderr == b""
     st = image.stat()
     assert stat.S_ISREG(st.st_mode)
     assert stat.S_IMODE(st.st_mode) == 0o600
-    assert st.st_size == size  # exact: no padding left from an unaligned tail
-    assert sha(image) == sha(src)
-    assert temps(disk_dir) == []
+    if fmt == "raw":
+        assert st.st_size == length  # exact: no padding left from the unaligned tail
+        assert sha(image) == sha(src)
+    else:
+        assert st.st_size > length  # the stream behind a header
+        assert image.read_bytes()[:4] != b"QEVM"
+    assert os.listdir(disk_dir) == ["vm.sav"]
     out = disk_dir / "restored"
     with open(out, "wb") as f:
         r = vmt("restore", f"{scheme}:{image}", stdout=f)
     assert r.returncode == 0, r.stderr
-    assert out.stat().st_size == size
+    assert out.stat().st_size == length
     assert sha(out) == sha(src)
 
 
 @pytest.mark.parametrize(
-    ("src_scheme", "dst_scheme"), [("file", "odirect"), ("odirect", "file"), ("file", "file")]
+    ("src_uri", "dst_uri"),
+    [
+        ("file:{src}", "odirect:{dst}"),
+        ("odirect:{src}", "file:{dst},format=raw"),
+    ],
 )
-def test_cli_copy(
-    payloads: dict[int, Path], disk_dir: Path, src_scheme: str, dst_scheme: str
-) -> None:
-    src = payloads[SIZES[1]]
+def test_cli_copy(payloads: dict[int, Path], disk_dir: Path, src_uri: str, dst_uri: str) -> None:
+    src = payloads[SIZES[0]]  # a bare stream: any source may hold one
     dst = disk_dir / "copy.sav"
-    r = vmt("copy", f"{src_scheme}:{src}", f"{dst_scheme}:{dst}")
+    r = vmt("copy", src_uri.format(src=src), dst_uri.format(dst=dst))
     assert r.returncode == 0, r.stderr
     assert r.stdout == b""
-    assert sha(dst) == sha(src)
     assert stat.S_IMODE(dst.stat().st_mode) == 0o600
-    assert temps(disk_dir) == []
+    assert os.listdir(disk_dir) == ["copy.sav"]
+    if "raw" in dst_uri:
+        assert sha(dst) == sha(src)
+    else:
+        r = vmt("restore", f"file:{dst}")
+        assert r.returncode == 0, r.stderr
+        assert hashlib.sha256(r.stdout).hexdigest() == sha(src)
 
 
-async def test_async_copy_and_open_source(payloads: dict[int, Path], disk_dir: Path) -> None:
-    src = payloads[SIZES[2]]
+async def test_async_copy_restore_and_open_source(
+    payloads: dict[int, Path], disk_dir: Path
+) -> None:
+    src = payloads[SIZES[1]]
     dst = disk_dir / "async.sav"
     with trio.fail_after(TIMEOUT):
         stats = await vmtransport.copy(f"file:{src}", f"odirect:{dst}")
-    assert stats.bytes == src.stat().st_size
-    assert sha(dst) == sha(src)
-    # Read it back through a Source by hand, into a page-aligned buffer as the pump does
-    # (Source.readinto's contract: O_DIRECT reads need one).
+    assert stats.bytes >= src.stat().st_size
+    out = disk_dir / "out"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with trio.fail_after(TIMEOUT):
+            await vmtransport.restore(f"odirect:{dst}", fd)
+    finally:
+        os.close(fd)
+    assert sha(out) == sha(src)
+    # open_source is byte-level: it reads the image file as it is. Into a page-aligned
+    # buffer, as the pump does (Source.readinto's contract: O_DIRECT reads need one).
     h = hashlib.sha256()
     buf = mmap.mmap(-1, MIB)
     with trio.fail_after(TIMEOUT):
@@ -346,30 +390,111 @@ async def test_async_copy_and_open_source(payloads: dict[int, Path], disk_dir: P
             total += n
         await source.commit()
     buf.close()
-    assert total == src.stat().st_size
-    assert h.hexdigest() == sha(src)
+    assert total == dst.stat().st_size
+    assert h.hexdigest() == sha(dst)
 
 
 async def test_async_save_from_fd(payloads: dict[int, Path], tmp_path: Path) -> None:
-    src = payloads[SIZES[1]]
+    src = payloads[SIZES[0]]
     dst = tmp_path / "saved"
     fd = os.open(src, os.O_RDONLY)
     try:
         with trio.fail_after(TIMEOUT):
-            stats = await vmtransport.save(f"file:{dst}", fd)
+            stats = await vmtransport.save(f"file:{dst},format=raw", fd)
     finally:
         os.close(fd)
     assert stats.bytes == src.stat().st_size
     assert sha(dst) == sha(src)
 
 
-def test_file_overwrite_is_0600_and_replaces(tmp_path: Path) -> None:
+@pytest.mark.parametrize("size", [1, 4095, 4096, 4097, 8 * MIB - 1, 8 * MIB + 1])
+@pytest.mark.parametrize("scheme", ["file", "odirect"])
+def test_byte_level_sinks_and_sources_keep_any_length(
+    tmp_path: Path, scheme: str, size: int
+) -> None:
+    """Below the stream layer a transport moves bytes, whatever they are: the unaligned
+    tail of an O_DIRECT save is written through a padded block and cut off again."""
+    data = random.Random(size).randbytes(size)
+    image = tmp_path / "vm.bin"
+    sink = vmtransport.open_sink(f"{scheme}:{image}")
+    r, w = os.pipe()
+
+    def feed() -> None:
+        try:
+            os.write(w, data)
+        finally:
+            os.close(w)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    try:
+        stats = pump_blocking(fd_reader(r, "test pipe"), sink)
+    finally:
+        feeder.join(TIMEOUT)
+        os.close(r)
+    assert stats.bytes == size
+    assert image.stat().st_size == size
+    assert image.read_bytes() == data
+
+    async def read_back() -> bytes:
+        got = bytearray()
+        buf = mmap.mmap(-1, 8 * MIB)  # page aligned, as the pump's
+        try:
+            with trio.fail_after(TIMEOUT):
+                source = await vmtransport.open_source(f"{scheme}:{image}")
+                while n := await source.readinto(memoryview(buf)):
+                    got += buf[:n]
+                await source.commit()
+        finally:
+            buf.close()
+        return bytes(got)
+
+    assert trio.run(read_back) == data
+
+
+@pytest.mark.parametrize(
+    ("scheme", "what", "existing"),
+    [
+        ("file", "empty", False),
+        ("file", "garbage", True),
+        ("file", "truncated", False),
+        ("file", "truncated", True),
+        ("odirect", "truncated", True),
+        ("odirect", "garbage", False),
+    ],
+)
+def test_save_of_something_not_a_complete_stream_leaves_nothing(
+    tmp_path: Path, payloads: dict[int, Path], scheme: str, what: str, existing: bool
+) -> None:
     image = tmp_path / "vm.sav"
-    image.write_bytes(b"old content that is longer than the new one" * 100)
+    if existing:
+        image.write_bytes(b"the previous image")
+    data = {
+        "empty": b"",
+        "garbage": os.urandom(3 * MIB),
+        "truncated": payloads[SIZES[0]].read_bytes()[: 2 * MIB],
+    }[what]
+    uri = f"{scheme}:{image}"
+    r = vmt("save", uri, input=data)
+    assert r.returncode == 1
+    line = error_line(r)
+    assert uri in line
+    if what == "garbage":
+        assert "not a QEMU migration stream" in line
+    else:
+        assert "incomplete migration stream" in line
+    assert os.listdir(tmp_path) == (["vm.sav"] if existing else [])
+    if existing:
+        assert image.read_bytes() == b"the previous image"
+
+
+def test_file_overwrite_is_0600_and_replaces(tmp_path: Path, small: bytes) -> None:
+    image = tmp_path / "vm.sav"
+    image.write_bytes(b"old content that is longer than the new one" * 1000)
     image.chmod(0o644)
-    r = vmt("save", f"file:{image}", input=b"new")
+    r = vmt("save", f"file:{image},format=raw", input=small)
     assert r.returncode == 0, r.stderr
-    assert image.read_bytes() == b"new"
+    assert image.read_bytes() == small
     assert stat.S_IMODE(image.stat().st_mode) == 0o600
 
 
@@ -379,14 +504,16 @@ def start_save(uri: str) -> subprocess.Popen[bytes]:
 
 @pytest.mark.parametrize("scheme", ["file", "odirect"])
 @pytest.mark.parametrize("existing", [False, True], ids=["new", "overwrite"])
-def test_save_is_atomic(tmp_path: Path, scheme: str, existing: bool) -> None:
+def test_save_is_atomic(
+    tmp_path: Path, payloads: dict[int, Path], scheme: str, existing: bool
+) -> None:
     image = tmp_path / "vm.sav"
     old = b"the previous image\n" * 1000
     if existing:
         image.write_bytes(old)
-    data = os.urandom(3 * MIB + 123)
+    data = payloads[SIZES[0]].read_bytes()
     half = len(data) // 2
-    proc = start_save(f"{scheme}:{image}")
+    proc = start_save(f"{scheme}:{image},format=raw")
     try:
         assert proc.stdin is not None
         proc.stdin.write(data[:half])
@@ -407,30 +534,21 @@ def test_save_is_atomic(tmp_path: Path, scheme: str, existing: bool) -> None:
             proc.wait()
     assert proc.returncode == 0, err
     assert image.read_bytes() == data
-    assert temps(tmp_path) == []
+    assert os.listdir(tmp_path) == ["vm.sav"]
 
 
 @pytest.mark.parametrize(
     ("scheme", "existing", "sig"),
     [
         ("file", False, signal.SIGTERM),
-        ("file", True, signal.SIGTERM),
-        ("odirect", False, signal.SIGTERM),
         ("odirect", True, signal.SIGTERM),
         ("file", True, signal.SIGINT),
         ("odirect", False, signal.SIGHUP),
     ],
-    ids=[
-        "file-new-TERM",
-        "file-overwrite-TERM",
-        "odirect-new-TERM",
-        "odirect-overwrite-TERM",
-        "file-overwrite-INT",
-        "odirect-new-HUP",
-    ],
+    ids=["file-new-TERM", "odirect-overwrite-TERM", "file-overwrite-INT", "odirect-new-HUP"],
 )
 def test_killed_save_leaves_nothing(
-    tmp_path: Path, scheme: str, existing: bool, sig: signal.Signals
+    tmp_path: Path, payloads: dict[int, Path], scheme: str, existing: bool, sig: signal.Signals
 ) -> None:
     image = tmp_path / "vm.sav"
     old = b"the previous image\n" * 1000
@@ -439,7 +557,8 @@ def test_killed_save_leaves_nothing(
     proc = start_save(f"{scheme}:{image}")
     try:
         assert proc.stdin is not None
-        proc.stdin.write(os.urandom(20 * MIB))  # more than a pump buffer: some is written
+        # More than a pump buffer of a valid stream: some of it is written.
+        proc.stdin.write(payloads[SIZES[1]].read_bytes()[: 20 * MIB])
         proc.stdin.flush()
         wait_until(lambda: open_in(proc.pid, tmp_path), "the temporary file")
         proc.send_signal(sig)
@@ -466,7 +585,7 @@ def has_tmpfile(directory: Path) -> bool:
 
 @pytest.mark.parametrize("scheme", ["file", "odirect"])
 def test_sigkilled_save_leaves_nothing_where_there_is_o_tmpfile(
-    tmp_path: Path, scheme: str
+    tmp_path: Path, payloads: dict[int, Path], scheme: str
 ) -> None:
     if not has_tmpfile(tmp_path):
         pytest.skip(f"{fs_type(tmp_path)} has no O_TMPFILE: a SIGKILL leaves a named temporary")
@@ -475,7 +594,7 @@ def test_sigkilled_save_leaves_nothing_where_there_is_o_tmpfile(
     proc = start_save(f"{scheme}:{image}")
     try:
         assert proc.stdin is not None
-        proc.stdin.write(os.urandom(20 * MIB))
+        proc.stdin.write(payloads[SIZES[1]].read_bytes()[: 20 * MIB])
         proc.stdin.flush()
         wait_until(lambda: open_in(proc.pid, tmp_path), "the temporary file")
         proc.kill()
@@ -496,10 +615,12 @@ def pipe_fill(fd: int) -> int:
 
 
 @pytest.mark.parametrize("command", ["restore", "save"])
-def test_sigterm_is_heeded_when_the_consumer_stalls(tmp_path: Path, command: str) -> None:
+def test_sigterm_is_heeded_when_the_consumer_stalls(
+    tmp_path: Path, payloads: dict[int, Path], command: str
+) -> None:
     """A consumer that keeps its pipe open but stops reading (a stopped QEMU) must not
     keep the helper alive after SIGTERM."""
-    image = make_payload(tmp_path / "vm.sav", 40 * MIB)
+    stream = payloads[SIZES[1]]  # more than the pump's pool and the pipe hold
     rfd, wfd = os.pipe()
     args: list[str]
     fds: tuple[int, ...]
@@ -507,9 +628,9 @@ def test_sigterm_is_heeded_when_the_consumer_stalls(tmp_path: Path, command: str
     stdout: int | None
     try:
         if command == "restore":
-            args, fds, stdin, stdout = [f"file:{image}"], (), subprocess.DEVNULL, wfd
+            args, fds, stdin, stdout = [f"file:{stream}"], (), subprocess.DEVNULL, wfd
         else:
-            args, fds, stdin, stdout = [f"fd:{wfd}"], (wfd,), os.open(image, os.O_RDONLY), None
+            args, fds, stdin, stdout = [f"fd:{wfd}"], (wfd,), os.open(stream, os.O_RDONLY), None
         proc = subprocess.Popen(
             [str(VMT), command, *args],
             stdin=stdin,
@@ -535,8 +656,8 @@ def test_sigterm_is_heeded_when_the_consumer_stalls(tmp_path: Path, command: str
     assert err.decode().splitlines() == ["vmtransport: error: interrupted by SIGTERM"]
 
 
-def test_killed_copy_leaves_nothing(tmp_path: Path) -> None:
-    """The async path (copy, restore) turns SIGTERM into cancellation and cleans up too."""
+def test_killed_copy_leaves_nothing(tmp_path: Path, payloads: dict[int, Path]) -> None:
+    """The async path (copy) turns SIGTERM into cancellation and cleans up too."""
     image = tmp_path / "vm.sav"
     r, w = os.pipe()
     try:
@@ -548,7 +669,7 @@ def test_killed_copy_leaves_nothing(tmp_path: Path) -> None:
         os.close(r)
         r = -1
         try:
-            os.write(w, os.urandom(MIB))
+            os.write(w, payloads[SIZES[0]].read_bytes()[:MIB])
             wait_until(lambda: open_in(proc.pid, tmp_path), "the temporary file")
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=TIMEOUT)
@@ -565,63 +686,75 @@ def test_killed_copy_leaves_nothing(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == []
 
 
-def test_symlink_is_replaced_not_followed(tmp_path: Path) -> None:
+def test_symlink_is_replaced_not_followed(tmp_path: Path, small: bytes) -> None:
     victim = tmp_path / "victim"
     victim.write_bytes(b"must stay")
     link = tmp_path / "vm.sav"
     link.symlink_to(victim)
-    r = vmt("save", f"file:{link}", input=b"new stream")
+    r = vmt("save", f"file:{link},format=raw", input=small)
     assert r.returncode == 0, r.stderr
     assert not link.is_symlink()
-    assert link.read_bytes() == b"new stream"
+    assert link.read_bytes() == small
     assert victim.read_bytes() == b"must stay"
 
 
-def test_dangling_symlink_is_replaced(tmp_path: Path) -> None:
+def test_dangling_symlink_is_replaced(tmp_path: Path, small: bytes) -> None:
     link = tmp_path / "vm.sav"
     link.symlink_to(tmp_path / "nowhere")
-    r = vmt("save", f"file:{link}", input=b"x")
+    r = vmt("save", f"file:{link}", input=small)
     assert r.returncode == 0, r.stderr
     assert not link.is_symlink()
-    assert link.read_bytes() == b"x"
     assert not (tmp_path / "nowhere").exists()
+    r = vmt("restore", f"file:{link}")
+    assert r.stdout == small
 
 
-@pytest.mark.parametrize(("scheme", "offset"), [("file", 1000), ("odirect", 8192)])
-def test_offset_keeps_the_prefix(tmp_path: Path, scheme: str, offset: int) -> None:
+@pytest.mark.parametrize(
+    ("scheme", "offset", "fmt"),
+    [("file", 1000, "raw"), ("odirect", 8192, "raw"), ("file", 4096, "image")],
+)
+def test_offset_keeps_the_prefix(
+    tmp_path: Path, payloads: dict[int, Path], scheme: str, offset: int, fmt: str
+) -> None:
     image = tmp_path / "vm.sav"
     prefix = os.urandom(offset)
     image.write_bytes(prefix + b"J" * 100_000)  # junk after the prefix goes away
-    stream = os.urandom(MIB + 77)
+    stream = payloads[SIZES[0]].read_bytes()
     uri = f"{scheme}:{image},offset={offset}"
-    r = vmt("save", uri, input=stream)
+    r = vmt("save", uri + (",format=raw" if fmt == "raw" else ""), input=stream)
     assert r.returncode == 0, r.stderr
-    assert image.read_bytes() == prefix + stream
+    content = image.read_bytes()
+    assert content[:offset] == prefix
+    if fmt == "raw":
+        assert content[offset:] == stream
     r = vmt("restore", uri)
     assert r.returncode == 0, r.stderr
     assert r.stdout == stream
-    # Without the offset the restore sees the prefix too.
+    # Without the offset the prefix is in the way.
     r = vmt("restore", f"{scheme}:{image}")
-    assert r.stdout == prefix + stream
+    assert r.returncode == 1
+    assert "neither a QEMU migration stream" in error_line(r)
 
 
 @pytest.mark.parametrize("scheme", ["file", "odirect"])
-def test_offset_into_a_missing_or_short_file_pads_with_zeros(tmp_path: Path, scheme: str) -> None:
+def test_offset_into_a_missing_or_short_file_pads_with_zeros(
+    tmp_path: Path, small: bytes, scheme: str
+) -> None:
     missing = tmp_path / "new.sav"
-    r = vmt("save", f"{scheme}:{missing},offset=4096", input=b"stream")
+    r = vmt("save", f"{scheme}:{missing},offset=4096,format=raw", input=small)
     assert r.returncode == 0, r.stderr
-    assert missing.read_bytes() == bytes(4096) + b"stream"
+    assert missing.read_bytes() == bytes(4096) + small
     short = tmp_path / "short.sav"
     short.write_bytes(b"abc")
-    r = vmt("save", f"{scheme}:{short},offset=8192", input=b"stream")
+    r = vmt("save", f"{scheme}:{short},offset=8192,format=raw", input=small)
     assert r.returncode == 0, r.stderr
-    assert short.read_bytes() == b"abc" + bytes(8189) + b"stream"
+    assert short.read_bytes() == b"abc" + bytes(8189) + small
 
 
 @pytest.mark.parametrize("scheme", ["file", "odirect"])
-def test_save_into_missing_directory(tmp_path: Path, scheme: str) -> None:
+def test_save_into_missing_directory(tmp_path: Path, small: bytes, scheme: str) -> None:
     uri = f"{scheme}:{tmp_path}/no/such/dir/vm.sav"
-    r = vmt("save", uri, input=b"abc")
+    r = vmt("save", uri, input=small)
     assert r.returncode == 1
     line = error_line(r)
     assert uri in line
@@ -629,8 +762,8 @@ def test_save_into_missing_directory(tmp_path: Path, scheme: str) -> None:
     assert not (tmp_path / "no").exists()
 
 
-def test_save_onto_a_directory(tmp_path: Path) -> None:
-    r = vmt("save", f"file:{tmp_path}", input=b"abc")
+def test_save_onto_a_directory(tmp_path: Path, small: bytes) -> None:
+    r = vmt("save", f"file:{tmp_path}", input=small)
     assert r.returncode == 1
     assert "is a directory" in error_line(r)
 
@@ -646,10 +779,9 @@ def test_restore_missing_file(tmp_path: Path, scheme: str) -> None:
     assert r.stdout == b""
 
 
-def test_save_to_a_fifo_writes_in_place(tmp_path: Path) -> None:
+def save_to_fifo(tmp_path: Path, data: bytes, options: str) -> tuple[int, bytes, bytes]:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    data = os.urandom(2 * MIB + 5)
     got: list[bytes] = []
 
     def read() -> None:
@@ -658,64 +790,70 @@ def test_save_to_a_fifo_writes_in_place(tmp_path: Path) -> None:
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    r = vmt("save", f"file:{fifo}", input=data)
+    r = vmt("save", f"file:{fifo}{options}", input=data)
     reader.join(TIMEOUT)
-    assert r.returncode == 0, r.stderr
-    assert got == [data]
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
-    assert temps(tmp_path) == []
+    assert os.listdir(tmp_path) == ["fifo"]
+    return r.returncode, got[0] if got else b"", r.stderr
+
+
+def test_save_to_a_fifo_writes_in_place(tmp_path: Path, payloads: dict[int, Path]) -> None:
+    data = payloads[SIZES[0]].read_bytes()
+    code, got, err = save_to_fifo(tmp_path, data, ",format=raw")
+    assert code == 0, err
+    assert got == data
+
+
+@pytest.mark.xfail(
+    reason="known bug: the default image format needs to rewrite its header, which a FIFO "
+    "cannot: the save fails at the end ('Illegal seek') after the reader got a partial image",
+    strict=True,
+)
+def test_save_to_a_fifo_in_the_default_format(tmp_path: Path, small: bytes) -> None:
+    code, _, err = save_to_fifo(tmp_path, small, "")
+    assert code == 0, err
 
 
 # --- odirect: -------------------------------------------------------------------------------
 
 
 def test_odirect_leaves_no_page_cache(disk_dir: Path) -> None:
-    size = 64 * MIB + 1000
-    src = make_payload(disk_dir / "src", size)
+    src = make_stream(disk_dir / "src", 64 * MIB)
+    size = src.stat().st_size
     image = disk_dir / "direct.sav"
     with open(src, "rb") as f:
         r = vmt("save", f"odirect:{image}", stdin=f)
     assert r.returncode == 0, r.stderr
     cached, total = cached_bytes(image)
-    assert total == size
-    assert cached <= size // 100, f"{cached} of {size} bytes cached after an odirect save"
-    with open(os.devnull, "wb") as null:
-        r = vmt("restore", f"odirect:{image}", stdout=null)
+    assert total >= size
+    assert cached <= total // 100, f"{cached} of {total} bytes cached after an odirect save"
+    out = disk_dir / "out"
+    with open(out, "wb") as f:
+        r = vmt("restore", f"odirect:{image}", stdout=f)
     assert r.returncode == 0, r.stderr
     cached, _ = cached_bytes(image)
-    assert cached <= size // 100, f"{cached} of {size} bytes cached after an odirect restore"
+    assert cached <= total // 100, f"{cached} of {total} bytes cached after an odirect restore"
+    assert sha(out) == sha(src)
     # Control: the same through file: does fill the cache, so the measurement means something.
     with open(os.devnull, "wb") as null:
         r = vmt("restore", f"file:{image}", stdout=null)
     assert r.returncode == 0, r.stderr
     cached, _ = cached_bytes(image)
-    assert cached > size // 2
-    assert sha(image) == sha(src)
+    assert cached > total // 2
 
 
-@pytest.mark.parametrize("size", [1, 4095, 4096, 4097, 8 * MIB - 1, 8 * MIB + 1])
-async def test_odirect_unaligned_tails(tmp_path: Path, size: int) -> None:
-    """In-process (vmtransport.save/restore on descriptors): the length is exact."""
-    data = os.urandom(size)
-    src, image, out = tmp_path / "src", tmp_path / "vm.sav", tmp_path / "out"
-    src.write_bytes(data)
-    fd = os.open(src, os.O_RDONLY)
-    try:
-        with trio.fail_after(TIMEOUT):
-            stats = await vmtransport.save(f"odirect:{image}", fd)
-    finally:
-        os.close(fd)
-    assert stats.bytes == size
-    assert image.stat().st_size == size
-    assert image.read_bytes() == data
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with trio.fail_after(TIMEOUT):
-            stats = await vmtransport.restore(f"odirect:{image}", fd)
-    finally:
-        os.close(fd)
-    assert stats.bytes == size
-    assert out.read_bytes() == data
+@pytest.mark.parametrize("pad", [0, 1, 4000])
+def test_odirect_unaligned_stream_tails(tmp_path: Path, pad: int) -> None:
+    """Streams whose length ends anywhere in a 4 KiB block: the file is exactly as long."""
+    stream = qemu_stream(5, seed=pad, pad=pad)
+    image = tmp_path / "vm.sav"
+    r = vmt("save", f"odirect:{image},format=raw", input=stream)
+    assert r.returncode == 0, r.stderr
+    assert image.stat().st_size == len(stream)
+    assert image.read_bytes() == stream
+    r = vmt("restore", f"odirect:{image}")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == stream
 
 
 @pytest.mark.parametrize("via", ["save", "copy"])
@@ -724,7 +862,7 @@ def test_odirect_fallback_on_ramfs(
     mounter: Callable[..., Path], payloads: dict[int, Path], via: str
 ) -> None:
     mnt = mounter("ramfs")
-    src = payloads[SIZES[1]]
+    src = payloads[SIZES[0]]
     uri = f"odirect:{mnt}/vm.sav"
     if via == "save":
         with open(src, "rb") as f:
@@ -737,12 +875,11 @@ def test_odirect_fallback_on_ramfs(
     assert "WARNING" in lines[0]
     assert "O_DIRECT" in lines[0]
     assert uri in lines[0]
-    assert sha(mnt / "vm.sav") == sha(src)
     assert stat.S_IMODE((mnt / "vm.sav").stat().st_mode) == 0o600
-    assert temps(mnt) == []
+    assert os.listdir(mnt) == ["vm.sav"]
     # Restore falls back the same way, with one warning.
     r = vmt("restore", uri)
-    assert r.returncode == 0
+    assert r.returncode == 0, r.stderr
     lines = r.stderr.decode().splitlines()
     assert len(lines) == 1, lines
     assert "O_DIRECT" in lines[0]
@@ -750,32 +887,31 @@ def test_odirect_fallback_on_ramfs(
 
 
 @root_only
-def test_odirect_fallback_offset_on_ramfs(mounter: Callable[..., Path]) -> None:
+def test_odirect_fallback_offset_on_ramfs(mounter: Callable[..., Path], small: bytes) -> None:
     mnt = mounter("ramfs")
     image = mnt / "vm.sav"
     prefix = os.urandom(4096)
     image.write_bytes(prefix)
-    stream = os.urandom(100_000)
-    r = vmt("save", f"odirect:{image},offset=4096", input=stream)
+    r = vmt("save", f"odirect:{image},offset=4096,format=raw", input=small)
     assert r.returncode == 0, r.stderr
-    assert image.read_bytes() == prefix + stream
+    assert image.read_bytes() == prefix + small
     r = vmt("restore", f"odirect:{image},offset=4096")
     assert r.returncode == 0, r.stderr
-    assert r.stdout == stream
+    assert r.stdout == small
 
 
 @root_only
-def test_odirect_fallback_error_on_ramfs(mounter: Callable[..., Path]) -> None:
+def test_odirect_fallback_error_on_ramfs(mounter: Callable[..., Path], small: bytes) -> None:
     mnt = mounter("ramfs")
     uri = f"odirect:{mnt}/vm.sav,fallback=error"
-    r = vmt("save", uri, input=b"stream")
+    r = vmt("save", uri, input=small)
     assert r.returncode == 1
     line = error_line(r)
     assert uri in line
     assert "refuses O_DIRECT" in line
     assert "fallback=error" in line
-    assert list(mnt.iterdir()) == []
-    (mnt / "vm.sav").write_bytes(b"stream")
+    assert os.listdir(mnt) == []
+    (mnt / "vm.sav").write_bytes(small)
     r = vmt("restore", uri)
     assert r.returncode == 1
     assert "refuses O_DIRECT" in error_line(r)
@@ -787,7 +923,7 @@ def test_odirect_on_tmpfs_needs_no_fallback(
     mounter: Callable[..., Path], payloads: dict[int, Path]
 ) -> None:
     mnt = mounter("tmpfs", "size=64m")
-    src = payloads[SIZES[1]]
+    src = payloads[SIZES[0]]
     uri = f"odirect:{mnt}/vm.sav"
     try:
         os.close(os.open(mnt / "probe", os.O_CREAT | os.O_WRONLY | os.O_DIRECT, 0o600))
@@ -798,7 +934,6 @@ def test_odirect_on_tmpfs_needs_no_fallback(
         r = vmt("save", uri, stdin=f)
     assert r.returncode == 0, r.stderr
     assert r.stderr == b""
-    assert sha(mnt / "vm.sav") == sha(src)
     r = vmt("restore", uri)
     assert r.returncode == 0, r.stderr
     assert r.stderr == b""
@@ -808,9 +943,11 @@ def test_odirect_on_tmpfs_needs_no_fallback(
 @pytest.mark.parametrize("via", ["save", "copy"])
 @pytest.mark.parametrize("scheme", ["file", "odirect"])
 @root_only
-def test_disk_full(mounter: Callable[..., Path], tmp_path: Path, scheme: str, via: str) -> None:
+def test_disk_full(
+    mounter: Callable[..., Path], payloads: dict[int, Path], scheme: str, via: str
+) -> None:
     mnt = mounter("tmpfs", "size=8m")
-    src = make_payload(tmp_path / "src", 20 * MIB + 3)
+    src = payloads[SIZES[1]]
     uri = f"{scheme}:{mnt}/vm.sav"
     if via == "save":
         with open(src, "rb") as f:
@@ -821,27 +958,29 @@ def test_disk_full(mounter: Callable[..., Path], tmp_path: Path, scheme: str, vi
     line = error_line(r)
     assert "No space left on device" in line
     assert uri in line
-    assert list(mnt.iterdir()) == []
+    assert os.listdir(mnt) == []
 
 
 @root_only
-def test_disk_full_keeps_the_old_image(mounter: Callable[..., Path]) -> None:
+def test_disk_full_keeps_the_old_image(
+    mounter: Callable[..., Path], payloads: dict[int, Path]
+) -> None:
     mnt = mounter("tmpfs", "size=8m")
     image = mnt / "vm.sav"
     old = os.urandom(MIB)
     image.write_bytes(old)
-    r = vmt("save", f"odirect:{image}", input=os.urandom(12 * MIB))
+    r = vmt("save", f"odirect:{image}", input=payloads[SIZES[1]].read_bytes()[: 12 * MIB])
     assert r.returncode == 1
     assert "No space left on device" in error_line(r)
     assert image.read_bytes() == old
-    assert [p.name for p in mnt.iterdir()] == ["vm.sav"]
+    assert os.listdir(mnt) == ["vm.sav"]
 
 
 # --- fd: -----------------------------------------------------------------------------------
 
 
 def test_fd_number_save_and_restore_regular_file(payloads: dict[int, Path], tmp_path: Path) -> None:
-    src = payloads[SIZES[1]]
+    src = payloads[SIZES[0]]
     out = tmp_path / "out"
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -861,7 +1000,7 @@ def test_fd_number_save_and_restore_regular_file(payloads: dict[int, Path], tmp_
 
 
 def test_fd_save_into_a_pipe(payloads: dict[int, Path]) -> None:
-    src = payloads[SIZES[1]]
+    src = payloads[SIZES[0]]
     rfd, wfd = os.pipe()
     try:
         with open(src, "rb") as f:
@@ -888,7 +1027,7 @@ def test_fd_save_into_a_pipe(payloads: dict[int, Path]) -> None:
 
 
 def test_fd_restore_from_a_pipe_reads_non_blocking(payloads: dict[int, Path]) -> None:
-    src = payloads[SIZES[1]]
+    src = payloads[SIZES[0]]
     data = src.read_bytes()
     rfd, wfd = os.pipe()
     try:
@@ -932,7 +1071,7 @@ def test_fd_restore_from_a_pipe_reads_non_blocking(payloads: dict[int, Path]) ->
 
 
 def test_fd_socketpair_both_ways(payloads: dict[int, Path]) -> None:
-    data = payloads[SIZES[1]].read_bytes()
+    data = payloads[SIZES[0]].read_bytes()
     a, b = socket.socketpair()
     with a, b:
         got: list[bytes] = []
@@ -1042,7 +1181,7 @@ def vmt_listen(
 
 @pytest.mark.parametrize("listen_pid", ["-", "self"])
 def test_fd_name_save_and_restore(tmp_path: Path, listen_pid: str) -> None:
-    data = os.urandom(MIB + 3)
+    data = qemu_stream(300, seed=7)
     decoy, out = tmp_path / "decoy", tmp_path / "out"
     d = os.open(decoy, os.O_WRONLY | os.O_CREAT, 0o600)
     o = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)
@@ -1114,46 +1253,44 @@ def test_fd_not_open(command: str) -> None:
 # --- exec: ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", SIZES[:2], ids=SIZE_IDS[:2])
+@pytest.mark.parametrize("size", SIZES, ids=SIZE_IDS)
 def test_exec_round_trip(payloads: dict[int, Path], tmp_path: Path, size: int) -> None:
     src = payloads[size]
     image = tmp_path / "vm.sav"
     with open(src, "rb") as f:
         r = vmt("save", f"exec:cat > {image}", stdin=f)
     assert r.returncode == 0, r.stderr
-    assert sha(image) == sha(src)
+    assert sha(image) == sha(src)  # exec: gets the bare stream
     r = vmt("restore", f"exec:cat {image}")
     assert r.returncode == 0, r.stderr
     assert hashlib.sha256(r.stdout).hexdigest() == sha(src)
 
 
 def test_exec_copy_through_a_pipeline(payloads: dict[int, Path], tmp_path: Path) -> None:
-    src = payloads[SIZES[1]]
+    src = payloads[SIZES[0]]
     packed = tmp_path / "vm.gz"
     r = vmt("copy", f"file:{src}", f"exec:gzip -1 > {packed}")
     assert r.returncode == 0, r.stderr
     assert packed.read_bytes()[:2] == b"\x1f\x8b"
     out = tmp_path / "vm.raw"
-    r = vmt("copy", f"exec:gzip -dc {packed}", f"file:{out}")
+    r = vmt("copy", f"exec:gzip -dc {packed}", f"file:{out},format=raw")
     assert r.returncode == 0, r.stderr
     assert sha(out) == sha(src)
 
 
-def test_exec_keeps_commas(tmp_path: Path) -> None:
-    r = vmt(
-        "save", f"exec:cat > '{tmp_path}/a,b' && printf x,,y > '{tmp_path}/c,,d'", input=b"payload"
-    )
+def test_exec_keeps_commas(tmp_path: Path, small: bytes) -> None:
+    r = vmt("save", f"exec:cat > '{tmp_path}/a,b' && printf x,,y > '{tmp_path}/c,,d'", input=small)
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "a,b").read_bytes() == b"payload"
+    assert (tmp_path / "a,b").read_bytes() == small
     assert (tmp_path / "c,,d").read_bytes() == b"x,,y"
     r = vmt("restore", f"exec:cat '{tmp_path}/a,b'")
     assert r.returncode == 0, r.stderr
-    assert r.stdout == b"payload"
+    assert r.stdout == small
 
 
-def test_exec_failure_quotes_the_stderr_tail(tmp_path: Path) -> None:
+def test_exec_failure_quotes_the_stderr_tail(small: bytes) -> None:
     cmd = "cat > /dev/null; for i in 1 2 3 4 5 6 7; do echo line$i >&2; done; exit 3"
-    r = vmt("save", f"exec:{cmd}", input=os.urandom(100_000))
+    r = vmt("save", f"exec:{cmd}", input=small)
     assert r.returncode == 1
     line = last_error_line(r)
     assert f"exec:{cmd}" in line
@@ -1164,16 +1301,17 @@ def test_exec_failure_quotes_the_stderr_tail(tmp_path: Path) -> None:
     assert r.stderr.decode().splitlines()[:7] == [f"line{i}" for i in range(1, 8)]
 
 
-def test_exec_killed_by_a_signal() -> None:
-    r = vmt("save", "exec:cat > /dev/null; kill -9 $$", input=b"abc")
+def test_exec_killed_by_a_signal(small: bytes) -> None:
+    r = vmt("save", "exec:cat > /dev/null; kill -9 $$", input=small)
     assert r.returncode == 1
     assert "killed by signal 9" in last_error_line(r)
 
 
 @pytest.mark.parametrize("cmd", ["exit 0", "head -c 10 > /dev/null", "exit 5"])
-def test_exec_command_that_stops_reading_early(cmd: str) -> None:
+def test_exec_command_that_stops_reading_early(payloads: dict[int, Path], cmd: str) -> None:
     start = time.monotonic()
-    r = vmt("save", f"exec:{cmd}", input=os.urandom(20 * MIB))
+    with open(payloads[SIZES[1]], "rb") as f:
+        r = vmt("save", f"exec:{cmd}", stdin=f)
     assert time.monotonic() - start < 20
     assert r.returncode == 1
     line = last_error_line(r)
@@ -1182,38 +1320,45 @@ def test_exec_command_that_stops_reading_early(cmd: str) -> None:
     assert f"exited with status {5 if cmd == 'exit 5' else 0}" in line
 
 
-def test_exec_restore_from_a_failing_command() -> None:
-    r = vmt("restore", "exec:echo partial; echo oops >&2; exit 4")
+def test_exec_restore_from_a_failing_command(tmp_path: Path, small: bytes) -> None:
+    (tmp_path / "s").write_bytes(small)
+    r = vmt("restore", f"exec:cat {tmp_path}/s; echo oops >&2; exit 4")
     assert r.returncode == 1
     line = last_error_line(r)
     assert "exited with status 4" in line
     assert "oops" in line
 
 
-def test_exec_copy_from_a_failing_command_leaves_no_file(tmp_path: Path) -> None:
+def test_exec_restore_of_something_else() -> None:
+    r = vmt("restore", "exec:echo partial")
+    assert r.returncode == 1
+    assert "neither a QEMU migration stream" in last_error_line(r)
+    assert r.stdout == b""
+
+
+def test_exec_copy_from_a_failing_command_leaves_no_file(
+    tmp_path: Path, payloads: dict[int, Path]
+) -> None:
     image = tmp_path / "vm.sav"
-    r = vmt("copy", "exec:head -c 5000000 /dev/urandom; exit 4", f"file:{image}")
+    # The whole, valid stream, and then the command reports failure.
+    r = vmt("copy", f"exec:cat {payloads[SIZES[0]]}; exit 4", f"file:{image}")
     assert r.returncode == 1
     assert "exited with status 4" in last_error_line(r)
-    assert not image.exists()
-    assert temps(tmp_path) == []
+    assert os.listdir(tmp_path) == []
 
 
-def test_exec_save_that_fails_leaves_the_target_alone(tmp_path: Path) -> None:
-    """A failing exec: in a copy destination: the source side is cleaned up too."""
-    src = make_payload(tmp_path / "src", 5 * MIB)
-    r = vmt("copy", f"file:{src}", "exec:head -c 1 >/dev/null; exit 2")
+def test_exec_copy_into_a_failing_command(tmp_path: Path, payloads: dict[int, Path]) -> None:
+    r = vmt("copy", f"file:{payloads[SIZES[1]]}", "exec:head -c 1 >/dev/null; exit 2")
     assert r.returncode == 1
     assert "exited with status 2" in last_error_line(r)
 
 
-async def test_exec_async_copy(tmp_path: Path) -> None:
+async def test_exec_async_copy(tmp_path: Path, small: bytes) -> None:
+    (tmp_path / "s").write_bytes(small)
     out = tmp_path / "out"
     with trio.fail_after(TIMEOUT):
-        stats = await vmtransport.copy("exec:printf 'hello, world'", f"file:{out}")
-    assert stats.bytes == 12
-    assert out.read_bytes() == b"hello, world"
+        await vmtransport.copy(f"exec:cat {tmp_path}/s", f"file:{out},format=raw")
+    assert out.read_bytes() == small
     with trio.fail_after(TIMEOUT), pytest.raises(TransportError, match="exited with status 7"):
-        await vmtransport.copy("exec:printf abc; exit 7", f"file:{tmp_path / 'bad'}")
-    assert not (tmp_path / "bad").exists()
-    assert temps(tmp_path) == []
+        await vmtransport.copy(f"exec:cat {tmp_path}/s; exit 7", f"file:{tmp_path / 'bad'}")
+    assert sorted(os.listdir(tmp_path)) == ["out", "s"]

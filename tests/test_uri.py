@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from vmtransport import URI, Registry, URIError, UsageError, parse_uri
+from vmtransport import URI, Registry, Transport, URIError, UsageError, parse_uri
 from vmtransport.transports import (
     ExecTransport,
     FdTransport,
@@ -89,9 +89,9 @@ def test_exec_transport_parses_raw(registry: Registry) -> None:
 def test_uri_is_frozen() -> None:
     uri = parse_uri("file:/x,offset=1")
     with pytest.raises(AttributeError):
-        uri.target = "/y"  # type: ignore[misc]
+        uri.target = "/y"
     with pytest.raises(AttributeError):
-        uri.options = {}  # type: ignore[misc]
+        uri.options = {}
     assert uri.target == "/x"
 
 
@@ -120,6 +120,18 @@ def test_equality_and_hash_ignore_option_order_and_spelling() -> None:
 def test_constructed_uri_str() -> None:
     assert str(URI("file", "/x")) == "file:/x"
     assert dict(URI("file", "/x").options) == {}
+
+
+def test_constructed_uri_copies_its_options() -> None:
+    opts = {"offset": "1"}
+    uri = URI("file", "/x", opts)
+    opts["offset"] = "2"
+    assert uri.options["offset"] == "1"
+    with pytest.raises(TypeError):
+        uri.options["offset"] = "3"  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        del uri.scheme
+    assert uri == parse_uri("file:/x,offset=1")
 
 
 # --- parse errors: each quotes the text ---------------------------------------------------
@@ -198,22 +210,29 @@ def test_resolve_rejects_a_text_that_is_no_uri(registry: Registry) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "expected"),
+    ("text", "transport", "option"),
     [
-        ("file:/x,direct=1", "unknown option 'direct' in URI 'file:/x,direct=1' (known: offset)"),
-        (
-            "odirect:/x,sync=1",
-            "unknown option 'sync' in URI 'odirect:/x,sync=1' (known: fallback, offset)",
-        ),
-        ("fd:3,offset=0", "unknown option 'offset' in URI 'fd:3,offset=0' (known: none)"),
+        ("file:/x,direct=1", FileTransport, "direct"),
+        ("odirect:/x,sync=1", ODirectTransport, "sync"),
+        ("fd:3,offset=0", FdTransport, "offset"),
     ],
 )
 def test_unknown_option_names_it_and_lists_known(
-    registry: Registry, text: str, expected: str
+    registry: Registry, text: str, transport: type[Transport], option: str
 ) -> None:
     with pytest.raises(URIError) as info:
         registry.resolve(text)
-    assert expected in str(info.value)
+    known = ", ".join(sorted(transport.options)) or "none"
+    assert f"unknown option {option!r} in URI {text!r} (known: {known})" in str(info.value)
+
+
+def test_options_are_documented() -> None:
+    assert "offset" in FileTransport.options
+    assert {"offset", "fallback"} <= set(ODirectTransport.options)
+    assert dict(FdTransport.options) == {}
+    for transport in (FileTransport, ODirectTransport, ExecTransport, FdTransport):
+        for help_text in transport.options.values():
+            assert help_text
 
 
 @pytest.mark.parametrize("value", ["-1", "abc", "", "1.5", "4k", "-0x10"])
