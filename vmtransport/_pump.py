@@ -208,7 +208,10 @@ async def pump(
                             break
                         n += k
                 if n:
-                    await full_send.send((buf, n))
+                    try:
+                        await full_send.send((buf, n))
+                    except trio.BrokenResourceError:
+                        return  # the writer failed and closed its end: its error counts
 
     async def writer() -> None:
         nonlocal total

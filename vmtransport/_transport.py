@@ -48,6 +48,9 @@ class SeekableSink(Sink):
     4096-aligned stream offset, so O_DIRECT sinks can use it as it is.
     """
 
+    #: False when this particular target cannot seek after all (a FIFO written in place)
+    rewritable: bool = True
+
     @abc.abstractmethod
     def rewrite(self, offset: int, data: memoryview) -> None:
         """Overwrite the stream's bytes at ``offset`` (relative to the stream's start)."""

@@ -16,6 +16,7 @@ from ._target import AtomicTarget
 class FileSink(SeekableSink):
     def __init__(self, target: AtomicTarget) -> None:
         self._target = target
+        self.rewritable = target.rewritable
         self._written = 0
 
     def write(self, data: memoryview) -> None:

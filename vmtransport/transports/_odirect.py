@@ -42,6 +42,7 @@ def _warn_fallback(label: str, exc: OSError) -> None:
 class DirectSink(SeekableSink):
     def __init__(self, target: AtomicTarget, direct: bool) -> None:
         self._t = target
+        self.rewritable = target.rewritable
         self._direct = direct
         self._written = 0
         self._pad = aligned_buffer(DIRECT_ALIGN)  # a block not yet whole: written at the end

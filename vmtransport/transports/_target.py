@@ -27,6 +27,7 @@ class AtomicTarget:
         self.label = label
         self.tmp: str | None = None  # the temporary's name, while it has one
         self.in_place: bool | None = None  # devices and FIFOs are written in place
+        self.rewritable = True  # can pwrite what it wrote before (an image header)
         self.fd = -1
 
     def open(self) -> int:
@@ -40,6 +41,7 @@ class AtomicTarget:
         if st is not None and (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
                                or stat.S_ISFIFO(st.st_mode)):
             self.in_place = True
+            self.rewritable = stat.S_ISBLK(st.st_mode)  # not FIFOs, not character devices
             try:
                 self.fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
                 if self.offset and not stat.S_ISFIFO(st.st_mode):
