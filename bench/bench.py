@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -223,8 +222,14 @@ def bench_version(version: str, qemu: str, args: argparse.Namespace) -> list[str
     src_ram = Path("/dev/shm/vmtbench-src.ram")
     if not src_ram.exists() or src_ram.stat().st_size != args.mem_mib << 20:
         make_ram_file(src_ram, args.mem_mib, random=True)
-    saves = [c for c in SAVES if major >= c.min_qemu]
-    restores = [c for c in RESTORES if major >= c.min_qemu]
+    def wanted(c: Contender) -> bool:
+        return major >= c.min_qemu and (c.limit or not args.only
+                                        or any(o in c.name for o in args.only.split(",")))
+
+    restores = [c for c in RESTORES if wanted(c)] if not args.saves_only else []
+    # A restore reads what a save contender wrote; the limit reads cat's bare stream.
+    needed = {c.image for c in restores} | ({"img-cat"} if restores else set())
+    saves = [c for c in SAVES if wanted(c) or (major >= c.min_qemu and c.image in needed)]
     save_runs: dict[str, list[Run]] = {c.name: [] for c in saves}
     restore_runs: dict[str, list[Run]] = {c.name: [] for c in restores}
     for rnd in range(args.rounds):
@@ -235,22 +240,22 @@ def bench_version(version: str, qemu: str, args: argparse.Namespace) -> list[str
                   file=sys.stderr, flush=True)
         # The limit serves the bare stream (cat's output) from tmpfs; vmtransport's own
         # saves are images (a 64 KiB header before the same stream).
-        shutil.copyfile(work / "img-cat", "/dev/shm/vmtbench-img")
+        if restores:
+            shutil.copyfile(work / "img-cat", "/dev/shm/vmtbench-img")
         for c in restores:
             r = run_restore(qemu, work, src_ram, args.mem_mib, c, verify=rnd == 0)
             restore_runs[c.name].append(r)
             print(f"  qemu {version} round {rnd + 1} restore {c.name}: {r.seconds:.2f} s",
                   file=sys.stderr, flush=True)
-        Path("/dev/shm/vmtbench-img").unlink()
+        Path("/dev/shm/vmtbench-img").unlink(missing_ok=True)
     shutil.rmtree(work, ignore_errors=True)
     v = qemu_version(qemu)
     return [
         table(f"QEMU {v}: save ({args.mem_mib} MiB of random RAM, {args.rounds} rounds)",
               args.mem_mib, save_runs, saves[0].name),
         "",
-        table(f"QEMU {v}: restore ({args.mem_mib} MiB, {args.rounds} rounds)",
-              args.mem_mib, restore_runs, restores[0].name),
-        "",
+        *([table(f"QEMU {v}: restore ({args.mem_mib} MiB, {args.rounds} rounds)",
+                 args.mem_mib, restore_runs, restores[0].name), ""] if restores else []),
     ]
 
 
@@ -262,6 +267,9 @@ def main() -> None:
     p.add_argument("--dir", default="/var/tmp/vmtransport-bench",
                    help="where images are written (a real disk, not tmpfs)")
     p.add_argument("--json", help="also write the raw runs here")
+    p.add_argument("--only", help="only contenders whose name contains one of these "
+                   "comma-separated strings (the limits always run)")
+    p.add_argument("--saves-only", action="store_true")
     args = p.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench.py: needs root (drop_caches)")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from qemuvm import (  # noqa: E402
+from qemuvm import (
     VM,
     describe_difference,
     files_equal,
@@ -30,7 +30,7 @@ from qemuvm import (  # noqa: E402
     qemu_version,
 )
 
-from vmtransport._pagecache import cached_bytes  # noqa: E402
+from vmtransport._pagecache import cached_bytes
 
 VMT = Path(sys.executable).parent / "vmtransport"
 

@@ -12,24 +12,10 @@ if [[ $pytest_rc -eq 5 ]]; then
     echo "test.sh: pytest collected no tests: that is a failure here" >&2
 fi
 
-# Only the source folders that hold Python files (git keeps no empty folder; mypy and
-# ruff both refuse a missing or empty one).
-targets=()
-for d in vmtransport tests bench; do
-    if [[ -d $d ]] && [[ -n $(find "$d" -name '*.py' -print -quit) ]]; then
-        targets+=("$d")
-    fi
-done
-
 mypy_rc=0
-if [[ ${#targets[@]} -eq 3 ]]; then
-    .venv/bin/mypy || mypy_rc=$?                 # files and --strict from pyproject.toml
-else
-    .venv/bin/mypy "${targets[@]}" || mypy_rc=$?
-fi
-
+.venv/bin/mypy || mypy_rc=$?                 # files and --strict from pyproject.toml
 ruff_rc=0
-.venv/bin/ruff check "${targets[@]}" || ruff_rc=$?
+.venv/bin/ruff check vmtransport tests bench scripts || ruff_rc=$?
 
 if [[ $pytest_rc -ne 0 ]]; then
     echo "test.sh: pytest failed (exit $pytest_rc)" >&2

@@ -206,7 +206,7 @@ def test_failed_save_keeps_source(
             assert list(target_dir.iterdir()) == [], "temporary left behind"
         err = log.read_text()
         reason = "does not exist" if failure == "missing-directory" else "No space left"
-        assert f"vmtransport: error: " in err and reason in err and str(image) in err, err
+        assert "vmtransport: error: " in err and reason in err and str(image) in err, err
         assert len(err.strip().splitlines()) == 1, err
         assert_source_usable(vm, tmp_path, src_ram, vmtransport_cmd, qemu)
 
