@@ -33,6 +33,7 @@ import xxhash
 
 import vmtransport
 from vmtransport._libvirt_image import build_libvirt_header
+from vmtransport._pump import BUFFER_SIZE
 
 VMT = Path(sys.executable).parent / "vmtransport"
 DATA = Path(__file__).parent / "data"
@@ -46,7 +47,9 @@ SINKS = ["file", "odirect", "file,format=raw"]
 # --- helpers shared with test_qemu_images.py, test_inspect.py, test_libvirt_restore.py ----
 
 
-def vmt(*args: str, input: bytes | None = None, stdin: Any = None) -> subprocess.CompletedProcess[bytes]:
+def vmt(
+    *args: str, input: bytes | None = None, stdin: Any = None
+) -> subprocess.CompletedProcess[bytes]:
     """Run the real console script."""
     return subprocess.run(
         [str(VMT), *args],
@@ -235,7 +238,8 @@ def test_save_refuses_an_endless_non_qemu_stream_without_reading_it_all(tmp_path
     line = one_error_line(helper.stderr.read())
     helper.stderr.close()
     assert rc == 1 and "not a QEMU migration stream" in line
-    assert sent < 64 << 20, f"the helper read {sent} bytes of junk before refusing"
+    # Refused at its first read: well before the pump's first 8 MiB buffer is full.
+    assert sent < BUFFER_SIZE, f"the helper read {sent} bytes of junk before refusing"
     assert listing(out) == []
 
 

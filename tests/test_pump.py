@@ -44,7 +44,7 @@ def pump_fd(
 ) -> vmtransport.PumpStats:
     """The save helper's driver (threads only) on a descriptor."""
     return pump_blocking(
-        fd_reader(fd, "test pipe"), sink, taps=taps, buffer_size=buffer_size, buffers=buffers
+        fd_reader(fd), sink, label="test pipe", taps=taps, buffer_size=buffer_size, buffers=buffers
     )
 
 

@@ -418,7 +418,7 @@ def test_byte_level_sinks_and_sources_keep_any_length(
     feeder = threading.Thread(target=feed, daemon=True)
     feeder.start()
     try:
-        stats = pump_blocking(fd_reader(r, "test pipe"), sink)
+        stats = pump_blocking(fd_reader(r), sink, label="test pipe")
     finally:
         feeder.join(TIMEOUT)
         os.close(r)

@@ -4,7 +4,6 @@ inspect and verify. Each wraps the transports' sinks in the image layer (_image)
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 from ._errors import StreamError, UsageError
 from ._image import QEMU_MAGIC, ImageWriter, NullSink, StreamReader, StreamWriter, save_metadata
@@ -41,29 +40,43 @@ def save_fd(uri: str, fd: int = 0, *, name: str | None = None) -> PumpStats:
     transport = get_registry().resolve(uri)
     if os.isatty(fd):
         raise UsageError("save reads the migration stream from stdin, which is a terminal")
-    reader = _magic_first(fd_reader(fd, "stdin"), str(transport.uri))
-    return pump_blocking(reader, _save_sink(transport, name))
+    read = fd_reader(fd)
+    # Refuse what cannot start a QEMU stream as soon as its first bytes arrive: the pump
+    # hands a buffer to the validator only once it is full (8 MiB), and a producer that
+    # wrote a few bytes of junk and keeps its end open would stall us.
+    sink = _save_sink(transport, name)
+    try:
+        first = _read_exactly(fd, len(QEMU_MAGIC))
+        if first and not QEMU_MAGIC.startswith(first):
+            raise StreamError(
+                f"{transport.uri}: not a QEMU migration stream: starts {first.hex()}, "
+                f"expected {QEMU_MAGIC.hex()}"
+            )
+    except BaseException:
+        sink.abort()
+        raise
+    return pump_blocking(read, sink, label="stdin", prefix=first)
 
 
-def _magic_first(read: Callable[[memoryview], int], label: str) -> Callable[[memoryview], int]:
-    """Refuse data that cannot start a QEMU stream as soon as its first bytes arrive: the
-    pump hands a buffer to the stream validator only once it is full (8 MiB), and a
-    producer that wrote a few bytes of junk and keeps its end open would stall us."""
-    seen = b""
+def _read_exactly(fd: int, size: int) -> bytes:
+    """Up to ``size`` bytes from ``fd`` (fewer only at EOF)."""
+    import select
 
-    def checked(buf: memoryview) -> int:
-        nonlocal seen
-        n = read(buf)
-        if len(seen) < 4 and n:
-            seen += bytes(buf[: min(n, 4 - len(seen))])
-            if not QEMU_MAGIC.startswith(seen):
-                raise StreamError(
-                    f"{label}: not a QEMU migration stream: starts {seen.hex()}, "
-                    f"expected {QEMU_MAGIC.hex()}"
-                )
-        return n
+    from ._io import io_error
 
-    return checked
+    data = b""
+    while len(data) < size:
+        try:
+            chunk = os.read(fd, size - len(data))
+        except BlockingIOError:
+            select.select([fd], [], [])
+            continue
+        except OSError as exc:
+            raise io_error("reading stdin", exc) from exc
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 async def save(uri: str, fd: int = 0, *, name: str | None = None) -> PumpStats:

@@ -320,7 +320,9 @@ class _Decompressor:
         except BrokenPipeError:
             pass
         self._thread.join()
-        err = self.proc.stderr.read().decode(errors="replace").strip()
+        # One line, as every error message: bzip2 and others explain over many.
+        lines = self.proc.stderr.read().decode(errors="replace").splitlines()
+        err = " | ".join([ln.strip() for ln in lines if ln.strip()][:5])
         code = self.proc.wait()
         for f in (self.proc.stdout, self.proc.stderr):
             if f is not None:
@@ -430,7 +432,10 @@ class StreamReader(Sink):
             if len(head) < LV_HEADER + data_len:
                 self._need = LV_HEADER + data_len
                 return None
-            lv = parse_libvirt_header(bytes(head[: LV_HEADER + data_len]))
+            try:
+                lv = parse_libvirt_header(bytes(head[: LV_HEADER + data_len]))
+            except StreamError as exc:  # its messages do not name the input
+                raise StreamError(f"{self.label}: {exc}") from None
             assert lv is not None
             if lv.partial:
                 self._problem(

@@ -201,15 +201,6 @@ class FdSink(Sink):
             pass
 
 
-def read_some(fd: int, buf: memoryview) -> int:
-    """Blocking read (for threads), tolerating a descriptor someone made non-blocking."""
-    while True:
-        try:
-            return os.readv(fd, [buf])
-        except BlockingIOError:
-            select.select([fd], [], [])
-
-
 def write_all(fd: int, data: memoryview) -> None:
     """Blocking write of all of ``data`` (for worker threads)."""
     while data:

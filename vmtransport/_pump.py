@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, NamedTuple, TypeVar
 
 from ._errors import VMTransportError
-from ._io import aligned_buffer, grow_pipe, read_some
+from ._io import aligned_buffer, grow_pipe
 from ._transport import Sink, Source
 
 BUFFER_SIZE: Final = 8 << 20
@@ -72,9 +72,11 @@ def _check_geometry(buffer_size: int, buffers: int) -> None:
 
 
 def pump_blocking(
-    read: Callable[[memoryview], int],
+    read: Callable[[memoryview], int | None],
     sink: Sink,
     *,
+    label: str = "the source",
+    prefix: bytes = b"",
     taps: Sequence[Tap] = (),
     buffer_size: int = BUFFER_SIZE,
     buffers: int = BUFFERS,
@@ -82,9 +84,13 @@ def pump_blocking(
     """Copy from blocking ``read`` to ``sink`` until EOF; commit it, or abort on any error.
 
     The calling thread reads; one worker thread writes. An exception raised in the
-    calling thread (a signal handler's) aborts the sink as well. ``read`` raises the
-    package's errors (see :func:`fd_reader`).
+    calling thread (a signal handler's) aborts the sink as well. ``read`` is called for
+    every few KiB QEMU writes, so it should be a bare C method (``FileIO.readinto``, see
+    :func:`fd_reader`); an OSError from it becomes a TransportError naming ``label``.
+    ``prefix``: bytes already read that start the stream.
     """
+    from ._io import io_error
+
     _check_geometry(buffer_size, buffers)
     pool = [aligned_buffer(buffer_size) for _ in range(buffers)]
     free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
@@ -114,14 +120,22 @@ def pump_blocking(
             eof = False
             while not eof and not failed:
                 buf = free.get()
-                n = 0
+                n = len(prefix)
+                buf[:n] = prefix
+                prefix = b""
                 with memoryview(buf) as view:
-                    while n < buffer_size:
-                        k = read(view[n:])
-                        if k == 0:
-                            eof = True
-                            break
-                        n += k
+                    try:
+                        while n < buffer_size:
+                            k = read(view[n:])
+                            if not k:
+                                if k is None:  # EAGAIN: someone made it non-blocking
+                                    _wait_readable(read)
+                                    continue
+                                eof = True
+                                break
+                            n += k
+                    except OSError as exc:
+                        raise io_error(f"reading {label}", exc) from exc
                 if n:
                     full.put((buf, n))
                 else:
@@ -147,19 +161,21 @@ def pump_blocking(
     return PumpStats(total, time.monotonic() - start)
 
 
-def fd_reader(fd: int, label: str) -> Callable[[memoryview], int]:
-    """A blocking read function for a descriptor (a pipe is grown to 1 MiB first)."""
-    from ._io import io_error
+def fd_reader(fd: int) -> Callable[[memoryview], int | None]:
+    """The read function for :func:`pump_blocking` from a descriptor: one C call per read
+    (QEMU writes its stream a few KiB at a time). A pipe is grown to 1 MiB first."""
+    import io
 
     grow_pipe(fd)
+    return io.FileIO(fd, "rb", closefd=False).readinto
 
-    def read(buf: memoryview) -> int:
-        try:
-            return read_some(fd, buf)
-        except OSError as exc:
-            raise io_error(f"reading {label}", exc) from exc
 
-    return read
+def _wait_readable(read: Callable[[memoryview], int | None]) -> None:
+    import select
+
+    raw = getattr(read, "__self__", None)
+    if raw is not None and hasattr(raw, "fileno"):
+        select.select([raw.fileno()], [], [])
 
 
 def _first_error(exc: BaseException) -> BaseException:

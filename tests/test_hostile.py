@@ -1,0 +1,440 @@
+"""Hostile input: mutated and truncated real QEMU streams, images and libvirt images.
+
+Whatever the bytes, the stream parser, ``vmtransport.inspect_image``,
+``vmtransport.verify_image`` and ``vmtransport.restore_fd`` (in-process, on files) only
+ever raise :class:`vmtransport.VMTransportError` subclasses, never hang (each call runs
+under a SIGALRM time limit whose exception is not one of ours), and never trust a
+declared length beyond what is there. Any change to an image makes verify and restore
+refuse it, and a refused restore has written nothing past QEMU's EOF marker.
+
+The inputs are the small real streams of tests/data (QEMU 7.2 and 10.0, ~0.4 MB), and
+images saved from them with ``vmtransport save``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import subprocess
+import time
+import tracemalloc
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any, Literal, NamedTuple
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_image import VMT, description_at_end, load_stream
+
+import vmtransport
+from vmtransport import StreamError, VMTransportError
+from vmtransport._libvirt_image import FORMATS, build_libvirt_header
+from vmtransport.stream import StreamParser
+
+STREAM_NAMES = ["qemu7.2-pc", "qemu10.0-q35", "qemu7.2-devstate"]
+STREAMS = {name: load_stream(name)[0] for name in STREAM_NAMES}
+# QEMU's EOF marker: before the VM description; a device-state file ends with it.
+EOF_OFFSETS = {
+    name: len(data) - 1 if name.endswith("devstate") else description_at_end(data)[0]
+    for name, data in STREAMS.items()
+}
+HEADER = 65536
+BYTE_ORDERS: list[Literal["little", "big"]] = ["little", "big"]
+LIMIT = 10.0  # seconds for one call: a few ms are normal
+HOSTILE = settings(
+    max_examples=250,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+class Hang(Exception):
+    """Raised by SIGALRM: a call took longer than LIMIT (deliberately not ours)."""
+
+
+@contextmanager
+def time_limit(seconds: float = LIMIT) -> Iterator[None]:
+    def alarm(signum: int, frame: FrameType | None) -> None:
+        raise Hang(f"no answer in {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def ours(call: Callable[[], Any]) -> VMTransportError | None:
+    """Run ``call`` under the time limit; return our error, None on success. Anything
+    else (another exception, Hang) propagates and fails the example."""
+    try:
+        with time_limit():
+            call()
+    except VMTransportError as exc:
+        assert str(exc) and "\n" not in str(exc), repr(exc)
+        return exc
+    return None
+
+
+# --- mutations -------------------------------------------------------------------------
+
+
+def hot_spots(data: bytes) -> list[int]:
+    """Offsets where a stream's structure is dense: header, configuration, RAM setup,
+    device state, EOF and the VM description."""
+    spots = [13, 40, 200, len(data) // 3, len(data) - 1]
+    try:
+        eof, _ = description_at_end(data)
+        spots += [eof - 3000, eof - 1000, eof - 120, eof, eof + 2, eof + 6, eof + 50]
+    except AssertionError:
+        spots += [len(data) // 2, len(data) - 100]
+    return [max(0, min(s, len(data))) for s in spots]
+
+
+def position(draw: st.DrawFn, size: int, spots: list[int]) -> int:
+    """Near a structural spot, or anywhere (hypothesis' integers favour small values:
+    spread them over the whole input)."""
+    if draw(st.booleans()):
+        pos = draw(st.sampled_from(spots)) + draw(st.integers(-16, 16))
+    else:
+        pos = draw(st.integers(0, 1 << 16)) * size >> 16
+    return max(0, min(pos, size))
+
+
+class Edit(NamedTuple):
+    kind: str  # flip (arg: xor mask), insert (bytes), delete (count), overwrite (bytes),
+    pos: int  # truncate
+    arg: int | bytes
+
+
+class Mutation(NamedTuple):
+    """A recipe, so that hypothesis reports a failing example in a few lines."""
+
+    edits: tuple[Edit, ...]
+
+    def apply(self, base: bytes) -> bytes:
+        data = bytearray(base)
+        for kind, pos, arg in self.edits:
+            pos = min(pos, len(data))
+            if kind == "flip" and pos < len(data):
+                assert isinstance(arg, int)
+                data[pos] ^= arg
+            elif kind == "insert":
+                assert isinstance(arg, bytes)
+                data[pos:pos] = arg
+            elif kind == "delete":
+                assert isinstance(arg, int)
+                del data[pos : pos + arg]
+            elif kind == "overwrite":
+                assert isinstance(arg, bytes)
+                data[pos : pos + len(arg)] = arg
+            elif kind == "truncate":
+                del data[pos:]
+        out = bytes(data)
+        return out if out != base else base[:-1]  # never a no-op
+
+
+@st.composite
+def mutation(draw: st.DrawFn, size: int, spots: list[int]) -> Mutation:
+    """1-4 flips, inserts, deletes or overwrites, then maybe a truncation."""
+    edits = []
+    for _ in range(draw(st.integers(1, 4))):
+        pos = position(draw, size, spots)
+        kind = draw(st.sampled_from(["flip", "insert", "delete", "overwrite"]))
+        arg: int | bytes
+        if kind == "flip":
+            arg = draw(st.integers(1, 255))
+        elif kind == "insert":
+            arg = draw(st.binary(min_size=1, max_size=16))
+        elif kind == "delete":
+            arg = draw(st.integers(1, 64))
+        else:
+            arg = draw(st.sampled_from([b"\xff" * 8, b"\0" * 8, b"\x7e\0\0\0\0", b"\x06"]))
+        edits.append(Edit(kind, pos, arg))
+    if draw(st.booleans()):
+        edits.append(Edit("truncate", position(draw, size, spots), 0))
+    return Mutation(tuple(edits))
+
+
+@st.composite
+def stream_case(draw: st.DrawFn) -> tuple[str, Mutation]:
+    name = draw(st.sampled_from(STREAM_NAMES))
+    base = STREAMS[name]
+    return name, draw(mutation(len(base), hot_spots(base)))
+
+
+def image_spots(name: str) -> list[int]:
+    """The image's structure: its header fields, metadata, and the stream's own spots."""
+    spots = [0, 8, 16, 24, 32, 40, 44, 48, 64, 72, 128, 200, HEADER - 1, HEADER]
+    return spots + [HEADER + s for s in hot_spots(STREAMS[name])]
+
+
+@st.composite
+def image_case(draw: st.DrawFn) -> tuple[str, Mutation]:
+    name = draw(st.sampled_from(STREAM_NAMES))
+    return name, draw(mutation(HEADER + len(STREAMS[name]), image_spots(name)))
+
+
+# --- the parser ------------------------------------------------------------------------
+
+
+def parse(data: bytes, chunk: int) -> StreamParser:
+    p = StreamParser()
+    view = memoryview(data)
+    for i in range(0, len(data), chunk):
+        p.feed(view[i : i + chunk])
+    p.close()
+    return p
+
+
+def test_the_unmutated_streams_parse() -> None:
+    for name, data in STREAMS.items():
+        p = parse(data, 4096)
+        assert p.complete and p.eof_offset == EOF_OFFSETS[name], name
+
+
+@HOSTILE
+@given(stream_case(), st.sampled_from([1 << 20, 65536, 4096, 997, 61]))
+def test_parser_raises_only_stream_error(case: tuple[str, Mutation], chunk: int) -> None:
+    name, edits = case
+    data = edits.apply(STREAMS[name])
+    error = ours(lambda: parse(data, chunk))
+    assert error is None or isinstance(error, StreamError)
+
+
+# --- in-process inspect, verify, restore on files ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("hostile")
+
+
+@pytest.fixture(scope="module")
+def images(workdir: Path) -> dict[str, bytes]:
+    """Each stream saved as a vmtransport image by the real helper."""
+    out = {}
+    for name, data in STREAMS.items():
+        path = workdir / f"{name}.img"
+        r = subprocess.run([VMT, "save", f"file:{path}"], input=data, capture_output=True,
+                           timeout=60, check=False)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        out[name] = path.read_bytes()
+    return out
+
+
+def restore_to_file(uri: str, out: Path) -> tuple[VMTransportError | None, int]:
+    """restore_fd into a regular file: (our error or None, bytes written)."""
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        error = ours(lambda: vmtransport.restore_fd(uri, fd))
+    finally:
+        os.close(fd)
+    return error, out.stat().st_size
+
+
+def exercise(path: Path, data: bytes) -> tuple[VMTransportError | None, ...]:
+    """Write ``data`` to ``path``; inspect, verify and restore it (to /dev/null and to a
+    file); return their errors."""
+    path.write_bytes(data)
+    uri = f"file:{path}"
+    inspected = ours(lambda: vmtransport.inspect_image(uri))
+    verified = ours(lambda: vmtransport.verify_image(uri))
+    null = os.open("/dev/null", os.O_WRONLY)
+    try:
+        restored = ours(lambda: vmtransport.restore_fd(uri, null))
+    finally:
+        os.close(null)
+    for error in (inspected, verified, restored):
+        assert error is None or str(error).startswith(f"{uri}: "), f"{error} names no input"
+    return inspected, verified, restored
+
+
+@HOSTILE
+@given(case=stream_case())
+def test_mutated_raw_streams(workdir: Path, case: tuple[str, Mutation]) -> None:
+    name, edits = case
+    inspected, verified, restored = exercise(workdir / "stream", edits.apply(STREAMS[name]))
+    assert verified is not None, "a raw stream has no checksum: it never verifies"
+    if restored is None:
+        assert inspected is None  # what restores can be described
+
+
+@HOSTILE
+@given(case=image_case())
+def test_mutated_images_never_verify_or_restore(
+    workdir: Path, images: dict[str, bytes], case: tuple[str, Mutation]
+) -> None:
+    """Any change to an image: verify refuses it, restore refuses it, and what restore
+    wrote before refusing stops before QEMU's EOF marker."""
+    name, edits = case
+    assert len(images[name]) == HEADER + len(STREAMS[name])
+    damaged = edits.apply(images[name])
+    assert damaged != images[name]
+    _, verified, restored = exercise(workdir / "image", damaged)
+    assert verified is not None, "a damaged image verified"
+    assert restored is not None, "a damaged image restored"
+    error, written = restore_to_file(f"file:{workdir / 'image'}", workdir / "out")
+    assert error is not None
+    eof = EOF_OFFSETS[name]
+    assert written <= eof, f"{written} bytes out, QEMU's EOF marker is at {eof}"
+
+
+class LibvirtCase(NamedTuple):
+    """A libvirt image around a real stream, with header fields overwritten (either byte
+    order), maybe mutated further."""
+
+    stream: str
+    format: str
+    was_running: bool
+    partial: bool
+    byteorder: Literal["little", "big"]
+    fields: tuple[tuple[int, str, int], ...]  # (offset, struct format, value)
+    edits: Mutation | None
+
+    def build(self) -> bytes:
+        head = bytearray(build_libvirt_header(
+            "<domain><name>x</name></domain>", was_running=self.was_running,
+            format=self.format, partial=self.partial, byteorder=self.byteorder,
+        ))  # fmt: skip
+        for at, fmt, value in self.fields:
+            struct.pack_into(fmt, head, at, value)
+        data = bytes(head) + STREAMS[self.stream][:200_000]
+        return self.edits.apply(data) if self.edits else data
+
+
+@st.composite
+def libvirt_case(draw: st.DrawFn) -> LibvirtCase:
+    name = draw(st.sampled_from(STREAM_NAMES[:2]))
+    fields = tuple(
+        (
+            draw(st.integers(16, 88)) & ~3,
+            draw(st.sampled_from(["<I", ">I"])),
+            draw(st.one_of(st.integers(0, 8), st.integers(0, 2**32 - 1))),
+        )
+        for _ in range(draw(st.integers(0, 3)))
+    )
+    xml_end = 92 + len("<domain><name>x</name></domain>") + 1 + 65536
+    spots = [16, 20, 24, 92, xml_end - 1, xml_end, xml_end + 8]
+    edits = draw(st.none() | mutation(xml_end + 200_000, spots))
+    return LibvirtCase(
+        name, draw(st.sampled_from(FORMATS)), draw(st.booleans()), draw(st.booleans()),
+        draw(st.sampled_from(BYTE_ORDERS)), fields, edits,
+    )  # fmt: skip
+
+
+@settings(HOSTILE, max_examples=150)
+@given(case=libvirt_case())
+def test_hostile_libvirt_images(workdir: Path, case: LibvirtCase) -> None:
+    _, verified, _ = exercise(workdir / "libvirt", case.build())
+    assert verified is not None, "a libvirt image has no checksum: it never verifies"
+
+
+# --- declared lengths beyond what is there -----------------------------------------------
+
+
+@contextmanager
+def bounded(seconds: float = 2.0, peak: int = 16 << 20) -> Iterator[None]:
+    """The block finishes in ``seconds`` and allocates at most ``peak`` bytes."""
+    tracemalloc.start()
+    start = time.monotonic()
+    try:
+        yield
+    finally:
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert time.monotonic() - start < seconds
+    assert top < peak, f"{top} bytes allocated"
+
+
+def all_refuse(path: Path, data: bytes, reason: str) -> None:
+    with bounded():
+        _, verified, restored = exercise(path, data)
+    assert verified is not None and reason in str(verified), verified
+    assert restored is not None and reason in str(restored), restored
+
+
+@pytest.mark.parametrize("order", BYTE_ORDERS)
+def test_libvirt_header_claiming_4_gib(workdir: Path, order: Literal["little", "big"]) -> None:
+    head = bytearray(build_libvirt_header("<domain/>", was_running=True, byteorder=order))
+    head[20:24] = struct.pack("<I" if order == "little" else ">I", 0xFFFFFFFF)
+    data = bytes(head) + STREAMS["qemu7.2-pc"]
+    with bounded():
+        inspected, _, _ = exercise(workdir / "lv4g", data)
+    assert inspected is not None and "4294967295 bytes" in str(inspected)
+    all_refuse(workdir / "lv4g", data, "4294967295 bytes")
+
+
+def test_libvirt_header_claiming_more_than_the_file(workdir: Path) -> None:
+    head = bytearray(build_libvirt_header("<domain/>", was_running=True))
+    head[16:20] = struct.pack("=I", 2)
+    head[20:24] = struct.pack("=I", 15 << 20)  # under the limit, beyond the file's end
+    all_refuse(workdir / "lvlong", bytes(head) + STREAMS["qemu7.2-pc"][:1000], "too short")
+
+
+def image_with(base: bytes, **fields: int) -> bytes:
+    """``base`` (an image) with header fields replaced and the CRC made right again."""
+    offsets = {"state": ("<I", 16), "payload_length": ("<Q", 32), "eof_offset": ("<Q", 64),
+               "metadata_length": ("<I", 44)}  # fmt: skip
+    head = bytearray(base[:HEADER])
+    for name, value in fields.items():
+        fmt, at = offsets[name]
+        struct.pack_into(fmt, head, at, value)
+    struct.pack_into("<I", head, 72, 0)
+    struct.pack_into("<I", head, 72, zlib.crc32(head))
+    return bytes(head) + base[HEADER:]
+
+
+def test_image_claiming_a_huge_payload(workdir: Path, images: dict[str, bytes]) -> None:
+    base = images["qemu7.2-pc"]
+    huge = 1 << 50
+    data = image_with(base, payload_length=huge, eof_offset=huge - 1000)
+    all_refuse(workdir / "huge", data, "truncated")
+    out = workdir / "out"
+    error, written = restore_to_file(f"file:{workdir / 'huge'}", out)
+    assert error is not None and "truncated" in str(error)
+    assert written <= len(base) - HEADER
+
+
+def test_image_shorter_than_its_payload_claims_is_truncated(
+    workdir: Path, images: dict[str, bytes]
+) -> None:
+    base = images["qemu10.0-q35"]
+    all_refuse(workdir / "cut", base[:-1], "truncated")
+    all_refuse(workdir / "header-only", base[:HEADER], "truncated")
+    all_refuse(workdir / "half-header", base[: HEADER // 2], "too short")
+
+
+def test_image_with_bytes_beyond_its_payload(workdir: Path, images: dict[str, bytes]) -> None:
+    all_refuse(workdir / "long", images["qemu10.0-q35"] + b"\0" * 10, "after the payload")
+
+
+def test_image_withholding_more_than_64_mib(workdir: Path, images: dict[str, bytes]) -> None:
+    base = images["qemu7.2-pc"]
+    data = image_with(base, payload_length=200 << 20, eof_offset=10)
+    all_refuse(workdir / "withheld", data, "inconsistent image header")
+
+
+def test_image_metadata_length_beyond_the_header(workdir: Path, images: dict[str, bytes]) -> None:
+    data = image_with(images["qemu7.2-pc"], metadata_length=0xFFFFFFFF)
+    all_refuse(workdir / "meta", data, "inconsistent image header")
+
+
+def test_stream_claiming_huge_lengths(workdir: Path) -> None:
+    """A machine type of 4 GiB, a VM description of 4 GiB: refused, nothing allocated."""
+    base = STREAMS["qemu7.2-pc"]
+    config = base[:8] + b"\x07" + struct.pack(">I", 0xFFFFFFFF) + base[13:]
+    all_refuse(workdir / "config", config, "implausible machine type length")
+    eof, _ = description_at_end(base)
+    desc = base[: eof + 2] + struct.pack(">I", 0xFFFFFFF0) + base[eof + 6 :]
+    with bounded():
+        error = ours(lambda: parse(desc, 1 << 20))
+    assert error is not None and "inside the VM description" in str(error)
+    all_refuse(workdir / "desc", desc, "inside the VM description")
