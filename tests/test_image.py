@@ -32,6 +32,7 @@ import pytest
 import xxhash
 
 import vmtransport
+from vmtransport._copy import REFUSED
 from vmtransport._libvirt_image import build_libvirt_header
 from vmtransport._pump import BUFFER_SIZE
 
@@ -371,7 +372,7 @@ def test_offset_images(tmp_path: Path, kind: str, offset: int) -> None:
     assert doc["complete"] and doc["image"]["metadata"]["name"] == "at-offset"
     # Without the offset the file is not an image.
     r = vmt("restore", f"file:{path}")
-    assert r.returncode == 1 and r.stdout == b""
+    assert r.returncode == 1 and r.stdout == REFUSED
 
 
 def test_header_decoder_agrees_with_struct_parse(tmp_path: Path) -> None:

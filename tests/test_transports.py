@@ -36,6 +36,7 @@ import trio
 
 import vmtransport
 from vmtransport import TransportError
+from vmtransport._copy import REFUSED
 from vmtransport._pagecache import cached_bytes
 from vmtransport._pump import fd_reader, pump_blocking
 
@@ -770,7 +771,7 @@ def test_restore_missing_file(tmp_path: Path, scheme: str) -> None:
     line = error_line(r)
     assert uri in line
     assert "No such file or directory" in line
-    assert r.stdout == b""
+    assert r.stdout == REFUSED
 
 
 def save_to_fifo(tmp_path: Path, data: bytes, options: str) -> tuple[int, bytes, bytes]:
@@ -906,7 +907,7 @@ def test_odirect_fallback_error_on_ramfs(mounter: Callable[..., Path], small: by
     r = vmt("restore", uri)
     assert r.returncode == 1
     assert "refuses O_DIRECT" in error_line(r)
-    assert r.stdout == b""
+    assert r.stdout == REFUSED
 
 
 @root_only
@@ -1323,7 +1324,7 @@ def test_exec_restore_of_something_else() -> None:
     r = vmt("restore", "exec:echo partial")
     assert r.returncode == 1
     assert "neither a QEMU migration stream" in last_error_line(r)
-    assert r.stdout == b""
+    assert r.stdout == REFUSED
 
 
 def test_exec_copy_from_a_failing_command_leaves_no_file(

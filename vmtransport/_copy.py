@@ -4,10 +4,11 @@ inspect and verify. Each wraps the transports' sinks in the image layer (_image)
 from __future__ import annotations
 
 import os
+from typing import Final
 
 from ._errors import StreamError, UsageError
 from ._image import QEMU_MAGIC, ImageWriter, NullSink, StreamReader, StreamWriter, save_metadata
-from ._io import FdSink
+from ._io import FdSink, is_pollable
 from ._pump import PumpStats, fd_reader, pump, pump_blocking, run_trio
 from ._registry import get_registry
 from ._transport import SeekableSink, Sink, Source, Transport
@@ -121,12 +122,33 @@ def _reader_pump(uri: str, out: Sink, *, inspect: bool = False) -> tuple[PumpSta
     return run_trio(run), reader
 
 
+#: written to a pipe or socket when a restore fails before QEMU got a single byte: a
+#: QEMU whose incoming stream is empty waits in "inmigrate" for ever, while one that
+#: reads this (not the QEVM magic) fails its load at once ("Not a migration stream").
+REFUSED: Final = b"VMTRANSPORT-REFUSED\n"
+
+
 def restore_fd(uri: str, fd: int = 1) -> PumpStats:
-    """Restore ``uri`` (a raw stream, an image or a libvirt save image) to ``fd``."""
+    """Restore ``uri`` (a raw stream, an image or a libvirt save image) to ``fd``.
+
+    When it fails before any stream byte went out and ``fd`` is a pipe or socket,
+    :data:`REFUSED` is written so that a QEMU on the other end fails too."""
     get_registry().resolve(uri)  # a bad URI is a usage error before anything else
     if os.isatty(fd):
         raise UsageError("restore writes the migration stream to stdout, which is a terminal")
-    return _reader_pump(uri, FdSink(fd, "stdout", close=False))[0]
+    out = FdSink(fd, "stdout", close=False)
+    try:
+        return _reader_pump(uri, out)[0]
+    except BaseException:
+        if not out.started and is_pollable(fd):
+            import select
+
+            try:  # never block on a consumer that stopped reading
+                if select.select([], [fd], [], 0)[1]:
+                    os.write(fd, REFUSED)
+            except OSError:
+                pass
+        raise
 
 
 async def restore(uri: str, fd: int = 1) -> PumpStats:
