@@ -117,6 +117,16 @@ class Run:
     cached: float | None  # fraction of the image in the page cache afterwards
 
 
+def clear_images(work: Path) -> None:
+    """Remove a round's images, then let the filesystem settle: on ext4 mounted with
+    ``discard`` (as here) freeing GiBs of blocks sends discards that would slow down
+    whichever contender writes next."""
+    for p in work.glob("img*"):
+        p.unlink()
+    os.sync()
+    time.sleep(3)
+
+
 def drop_caches() -> None:
     os.sync()
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
@@ -147,7 +157,7 @@ def set_caps(vm: VM, c: Contender) -> None:
 def run_save(qemu: str, work: Path, src_ram: Path, mem: int, c: Contender) -> Run:
     image = work / (c.image or "none")
     cpu = work / "cpu"
-    image.unlink(missing_ok=True)
+    assert not image.exists(), "images are removed between rounds (see clear_images)"
     cpu.unlink(missing_ok=True)
     with VM(qemu, work, name="src", mem_mib=mem, ram_file=src_ram, paused=True) as vm:
         drop_caches()
@@ -188,6 +198,34 @@ def run_restore(qemu: str, work: Path, src_ram: Path, mem: int, c: Contender,
         raise RuntimeError(f"{c.name}: restored RAM differs from the source")
     dst_ram.unlink(missing_ok=True)
     return Run(seconds, read_cpu(cpu) if c.helper else None, residency(image))
+
+
+def validation_cost(stream: Path) -> str:
+    """CPU seconds per GiB of what a save adds per byte: the stream parser's walk and the
+    XXH3-128 checksum, fed 8 MiB chunks of a real stream (read beforehand, not timed)."""
+    import xxhash
+
+    from vmtransport.stream import StreamParser
+
+    chunk = 8 << 20
+    size = stream.stat().st_size
+    parser_cpu = hash_cpu = 0.0
+    parser = StreamParser()
+    digest = xxhash.xxh3_128()
+    with open(stream, "rb") as f:
+        while data := f.read(chunk):
+            t = time.process_time()
+            parser.feed(data)
+            parser_cpu += time.process_time() - t
+            t = time.process_time()
+            digest.update(data)
+            hash_cpu += time.process_time() - t
+    t = time.process_time()
+    parser.close()
+    parser_cpu += time.process_time() - t
+    gib = size / GIB
+    return (f"Per GiB of stream ({size / GIB:.2f} GiB, 8 MiB chunks): stream parser "
+            f"{parser_cpu / gib:.3f} CPU-s, XXH3-128 {hash_cpu / gib:.3f} CPU-s.")
 
 
 def median(xs: list[float | None]) -> float | None:
@@ -231,6 +269,7 @@ def bench_version(version: str, qemu: str, args: argparse.Namespace) -> list[str
     needed = {c.image for c in restores} | ({"img-cat"} if restores else set())
     saves = [c for c in SAVES if wanted(c) or (major >= c.min_qemu and c.image in needed)]
     save_runs: dict[str, list[Run]] = {c.name: [] for c in saves}
+    cost = "(no bare stream saved: validation cost not measured)"
     restore_runs: dict[str, list[Run]] = {c.name: [] for c in restores}
     for rnd in range(args.rounds):
         for c in saves:
@@ -240,6 +279,8 @@ def bench_version(version: str, qemu: str, args: argparse.Namespace) -> list[str
                   file=sys.stderr, flush=True)
         # The limit serves the bare stream (cat's output) from tmpfs; vmtransport's own
         # saves are images (a 64 KiB header before the same stream).
+        if rnd == 0 and (work / "img-cat").exists():
+            cost = validation_cost(work / "img-cat")
         if restores:
             shutil.copyfile(work / "img-cat", "/dev/shm/vmtbench-img")
         for c in restores:
@@ -248,9 +289,12 @@ def bench_version(version: str, qemu: str, args: argparse.Namespace) -> list[str
             print(f"  qemu {version} round {rnd + 1} restore {c.name}: {r.seconds:.2f} s",
                   file=sys.stderr, flush=True)
         Path("/dev/shm/vmtbench-img").unlink(missing_ok=True)
+        clear_images(work)
     shutil.rmtree(work, ignore_errors=True)
     v = qemu_version(qemu)
     return [
+        f"QEMU {v}. {cost}",
+        "",
         table(f"QEMU {v}: save ({args.mem_mib} MiB of random RAM, {args.rounds} rounds)",
               args.mem_mib, save_runs, saves[0].name),
         "",

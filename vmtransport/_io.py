@@ -25,11 +25,23 @@ PAGE: Final = mmap.PAGESIZE
 #: alignment for O_DIRECT buffers, lengths and offsets (covers 512 and 4096-byte sectors)
 DIRECT_ALIGN: Final = 4096
 PIPE_SIZE: Final = 1 << 20
+_HUGE_PAGE: Final = 2 << 20
 
 
 def aligned_buffer(size: int) -> mmap.mmap:
-    """Anonymous page-aligned memory: usable as an O_DIRECT buffer."""
-    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    """Anonymous page-aligned memory: usable as an O_DIRECT buffer.
+
+    Backed by transparent huge pages where the kernel offers them (``madvise`` mode):
+    fewer TLB misses for the copy out of the pipe and cheaper page pinning for each
+    O_DIRECT write; the CPU they save is the CPU QEMU's migration thread competes for.
+    """
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if size >= _HUGE_PAGE:
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except (AttributeError, OSError):
+            pass
+    return buf
 
 
 def grow_pipe(fd: int, size: int = PIPE_SIZE) -> int:
