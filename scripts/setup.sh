@@ -24,7 +24,7 @@ QEMU10_PACKAGES=(qemu-system-x86 qemu-system-data qemu-system-common)
 # directories before the built-in firmware path (which still points at the system's copies).
 QEMU10_FIRMWARE=(seabios ipxe-qemu)
 QEMU10_FIRMWARE_DIRS=(usr/share/qemu usr/share/seabios usr/lib/ipxe/qemu)
-PYTHON_EXTRA_PACKAGES=(xxhash)
+PYTHON_EXTRA_PACKAGES=()
 export DEBIAN_FRONTEND=noninteractive
 
 log() { printf 'setup: %s\n' "$*" >&2; }
