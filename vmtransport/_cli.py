@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from . import _log
 from ._copy import copy, restore_fd, save_fd
 from ._errors import Interrupted, UsageError, VMTransportError
-from ._pump import run_trio
+from ._pump import BlockingReader, run_trio
 from ._registry import get_registry
 from ._version import __version__
 
@@ -74,7 +74,8 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, early: BlockingReader | None = None) -> int:
+    """Run the CLI; ``early`` is the stdin reader ``_main`` started for a save."""
     verbose = "-v" in (argv if argv is not None else sys.argv[1:]) or "--verbose" in (
         argv if argv is not None else sys.argv[1:]
     )
@@ -107,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # while the writer thread parses and hashes: 0.2 ms, not the default 5 ms.
         sys.setswitchinterval(0.0002)
         if args.command == "save":
-            stats = save_fd(args.uri, 0, name=args.name)
+            stats = save_fd(args.uri, 0, name=args.name, reader=early)
             what = f"saved to {args.uri}"
         elif args.command == "restore":
             stats = restore_fd(args.uri, 1)

@@ -9,7 +9,7 @@ from typing import Final
 from ._errors import StreamError, UsageError
 from ._image import QEMU_MAGIC, ImageWriter, NullSink, StreamReader, StreamWriter, save_metadata
 from ._io import FdSink, is_pollable
-from ._pump import PumpStats, fd_reader, pump, pump_blocking, run_trio
+from ._pump import BlockingReader, PumpStats, fd_reader, pump, pump_blocking, run_trio
 from ._registry import get_registry
 from ._transport import SeekableSink, Sink, Source, Transport
 
@@ -33,51 +33,41 @@ def _save_sink(transport: Transport, name: str | None) -> StreamWriter:
     return StreamWriter(sink, label)
 
 
-def save_fd(uri: str, fd: int = 0, *, name: str | None = None) -> PumpStats:
+def save_fd(
+    uri: str, fd: int = 0, *, name: str | None = None, reader: BlockingReader | None = None
+) -> PumpStats:
     """Save the QEMU stream arriving on blocking descriptor ``fd`` (stdin) to ``uri``.
 
-    Threads only, no event loop: this is what ``vmtransport save`` runs.
+    Threads only, no event loop: this is what ``vmtransport save`` runs, passing the
+    ``reader`` it started on ``fd`` before its imports.
     """
     transport = get_registry().resolve(uri)
-    if os.isatty(fd):
-        raise UsageError("save reads the migration stream from stdin, which is a terminal")
-    read = fd_reader(fd)
-    # Refuse what cannot start a QEMU stream as soon as its first bytes arrive: the pump
-    # hands a buffer to the validator only once it is full (8 MiB), and a producer that
-    # wrote a few bytes of junk and keeps its end open would stall us.
-    sink = _save_sink(transport, name)
+    if reader is None:
+        if os.isatty(fd):
+            raise UsageError("save reads the migration stream from stdin, which is a terminal")
+        reader = BlockingReader(fd_reader(fd), label="stdin", magic=QEMU_MAGIC)
     try:
-        first = _read_exactly(fd, len(QEMU_MAGIC))
+        sink = _save_sink(transport, name)
+    except BaseException:
+        reader.stop()
+        reader.close()
+        raise
+    try:
+        # Refuse what cannot start a QEMU stream as soon as its first bytes arrive: the
+        # pump hands a buffer on only once it is full (8 MiB), and a producer that wrote
+        # a few bytes of junk and keeps its end open would stall us.
+        first = reader.first_bytes(lambda head: not QEMU_MAGIC.startswith(head))
         if first and not QEMU_MAGIC.startswith(first):
             raise StreamError(
                 f"{transport.uri}: not a QEMU migration stream: starts {first.hex()}, "
                 f"expected {QEMU_MAGIC.hex()}"
             )
     except BaseException:
+        reader.stop()
+        reader.close()
         sink.abort()
         raise
-    return pump_blocking(read, sink, label="stdin", prefix=first)
-
-
-def _read_exactly(fd: int, size: int) -> bytes:
-    """Up to ``size`` bytes from ``fd`` (fewer only at EOF)."""
-    import select
-
-    from ._io import io_error
-
-    data = b""
-    while len(data) < size:
-        try:
-            chunk = os.read(fd, size - len(data))
-        except BlockingIOError:
-            select.select([fd], [], [])
-            continue
-        except OSError as exc:
-            raise io_error("reading stdin", exc) from exc
-        if not chunk:
-            break
-        data += chunk
-    return data
+    return pump_blocking(reader, sink)
 
 
 async def save(uri: str, fd: int = 0, *, name: str | None = None) -> PumpStats:

@@ -2,7 +2,7 @@
 
 A fixed pool of page-aligned buffers circulates between a reader and a writer: the
 reader fills a free buffer completely (so O_DIRECT writes are whole aligned blocks; only
-the last is short), the writer drains full ones in a worker thread. When the sink is
+the last is short), the writer drains full ones; one of the two runs in a thread. When the sink is
 slow the pool runs dry and the reader stops reading: back-pressure reaches the producer
 through the pipe, and memory stays at ``buffers * buffer_size`` whatever the stream.
 
@@ -34,7 +34,6 @@ from ._transport import Sink, Source
 BUFFER_SIZE: Final = 8 << 20
 BUFFERS: Final = 4
 #: seconds a failing pump_blocking waits for its writer thread before aborting the sink
-_WRITER_GRACE: Final = 2.0
 
 Tap = Callable[[memoryview], None]
 T = TypeVar("T")
@@ -71,93 +70,141 @@ def _check_geometry(buffer_size: int, buffers: int) -> None:
         raise ValueError(f"bad pump geometry: {buffers} x {buffer_size} bytes")
 
 
+class BlockingReader:
+    """Fills the pump's buffers from a blocking ``read`` function, in a thread of its own.
+
+    It may start before anything else is ready: the save helper starts it before its
+    imports (``vmtransport._main``), so QEMU's stream flows into the buffer pool while
+    Python loads instead of QEMU blocking on a full pipe. ``read`` is called for every
+    few KiB QEMU writes, so it should be a bare C method (``FileIO.readinto``, see
+    :func:`fd_reader`); an OSError from it becomes a TransportError naming ``label``.
+    """
+
+    def __init__(
+        self,
+        read: Callable[[memoryview], int | None],
+        *,
+        label: str = "the source",
+        magic: bytes = b"",
+        buffer_size: int = BUFFER_SIZE,
+        buffers: int = BUFFERS,
+    ) -> None:
+        _check_geometry(buffer_size, buffers)
+        self._read = read
+        self._magic = magic  # a stream not starting so is not read any further
+        self.label = label
+        self._size = buffer_size
+        self.pool = [aligned_buffer(buffer_size) for _ in range(buffers)]
+        self.free: queue.SimpleQueue[mmap.mmap | None] = queue.SimpleQueue()
+        self.full: queue.SimpleQueue[tuple[mmap.mmap, int] | None] = queue.SimpleQueue()
+        for b in self.pool:
+            self.free.put(b)
+        self.error: BaseException | None = None
+        self.head = b""  #: the stream's first bytes (up to HEAD), for a magic check
+        self._head_cond = threading.Condition()
+        self._done = False
+        self._thread = threading.Thread(target=self._run, name="vmtransport-reader", daemon=True)
+        self._thread.start()
+
+    HEAD: Final = 4  #: as many as QEMU's magic
+
+    def _run(self) -> None:
+        from ._io import io_error
+
+        read, size = self._read, self._size
+        try:
+            eof = False
+            while not eof:
+                buf = self.free.get()
+                if buf is None:  # stop()
+                    return
+                n = 0
+                with memoryview(buf) as view:
+                    while n < size:
+                        k = read(view[n:])
+                        if not k:
+                            if k is None:  # EAGAIN: someone made it non-blocking
+                                _wait_readable(read)
+                                continue
+                            eof = True
+                            break
+                        if len(self.head) < self.HEAD:
+                            with self._head_cond:
+                                want = min(k, self.HEAD - len(self.head))
+                                self.head += bytes(view[n : n + want])
+                                self._head_cond.notify_all()
+                            if self._magic and not self._magic.startswith(self.head):
+                                return  # junk: first_bytes() shows it, the caller refuses
+                        n += k
+                if n:
+                    self.full.put((buf, n))
+                else:
+                    self.free.put(buf)
+        except OSError as exc:
+            self.error = io_error(f"reading {self.label}", exc)
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            with self._head_cond:
+                self._done = True
+                self._head_cond.notify_all()
+            self.full.put(None)
+
+    def first_bytes(self, decided: Callable[[bytes], bool] = lambda head: False) -> bytes:
+        """Wait for the stream's first HEAD bytes — fewer at its end, or as soon as
+        ``decided(head)`` — and return them."""
+        with self._head_cond:
+            self._head_cond.wait_for(
+                lambda: self._done or len(self.head) >= self.HEAD or decided(self.head)
+            )
+            return self.head
+
+    def stop(self) -> None:
+        """Stop at the next buffer boundary (a read in progress is left to finish)."""
+        self.free.put(None)
+
+    def close(self) -> None:
+        _close_pool(self.pool)
+
+
 def pump_blocking(
-    read: Callable[[memoryview], int | None],
+    read: Callable[[memoryview], int | None] | BlockingReader,
     sink: Sink,
     *,
     label: str = "the source",
-    prefix: bytes = b"",
     taps: Sequence[Tap] = (),
     buffer_size: int = BUFFER_SIZE,
     buffers: int = BUFFERS,
 ) -> PumpStats:
-    """Copy from blocking ``read`` to ``sink`` until EOF; commit it, or abort on any error.
+    """Copy from a blocking ``read`` (or a started :class:`BlockingReader`) to ``sink``
+    until EOF; commit it, or abort it on any error.
 
-    The calling thread reads; one worker thread writes. An exception raised in the
-    calling thread (a signal handler's) aborts the sink as well. ``read`` is called for
-    every few KiB QEMU writes, so it should be a bare C method (``FileIO.readinto``, see
-    :func:`fd_reader`); an OSError from it becomes a TransportError naming ``label``.
-    ``prefix``: bytes already read that start the stream.
+    A reader thread fills buffers; the calling thread writes them, so a signal handler's
+    exception (SIGTERM) arrives here, even in a write blocked on a stalled consumer, and
+    aborts the sink.
     """
-    from ._io import io_error
-
-    _check_geometry(buffer_size, buffers)
-    pool = [aligned_buffer(buffer_size) for _ in range(buffers)]
-    free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
-    full: queue.SimpleQueue[tuple[mmap.mmap, int] | None] = queue.SimpleQueue()
-    for b in pool:
-        free.put(b)
-    failed: list[BaseException] = []
-    total = 0
-
-    def writer() -> None:
-        nonlocal total
-        while (item := full.get()) is not None:
-            buf, n = item
-            if not failed:
-                try:
-                    _write_chunk(sink, taps, buf, n)
-                    total += n
-                except BaseException as exc:
-                    failed.append(exc)
-            free.put(buf)  # after a failure keep recycling, so the reader never hangs
-
+    reader = (
+        read
+        if isinstance(read, BlockingReader)
+        else BlockingReader(read, label=label, buffer_size=buffer_size, buffers=buffers)
+    )
     start = time.monotonic()
-    thread = threading.Thread(target=writer, name="vmtransport-writer", daemon=True)
-    thread.start()
+    total = 0
     try:
-        try:
-            eof = False
-            while not eof and not failed:
-                buf = free.get()
-                n = len(prefix)
-                buf[:n] = prefix
-                prefix = b""
-                with memoryview(buf) as view:
-                    try:
-                        while n < buffer_size:
-                            k = read(view[n:])
-                            if not k:
-                                if k is None:  # EAGAIN: someone made it non-blocking
-                                    _wait_readable(read)
-                                    continue
-                                eof = True
-                                break
-                            n += k
-                    except OSError as exc:
-                        raise io_error(f"reading {label}", exc) from exc
-                if n:
-                    full.put((buf, n))
-                else:
-                    free.put(buf)
-        except BaseException:
-            # The read side failed, or a signal handler raised: do not wait for a writer
-            # stuck in a blocking write to a consumer that stopped reading (a SIGTERM
-            # would go unheeded). The sink's abort below unblocks or orphans it; it is a
-            # daemon thread.
-            full.put(None)
-            thread.join(timeout=_WRITER_GRACE)
-            raise
-        full.put(None)
-        thread.join()
-        if failed:
-            raise failed[0]
+        while (item := reader.full.get()) is not None:
+            buf, n = item
+            _write_chunk(sink, taps, buf, n)
+            total += n
+            reader.free.put(buf)
+        if reader.error is not None:
+            raise reader.error
         sink.commit()
     except BaseException:
+        reader.stop()
         sink.abort()
         raise
     finally:
-        _close_pool(pool)
+        reader.close()
     return PumpStats(total, time.monotonic() - start)
 
 
