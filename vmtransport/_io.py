@@ -2,7 +2,7 @@
 
 Sources on pipes, sockets and character devices are read non-blocking from the trio
 event loop (``wait_readable``); regular files and block devices ignore O_NONBLOCK, so
-they are read from worker threads. Sinks block (they run in the pump's writer thread).
+they are read from worker threads. Sinks block (the pump calls them off any event loop).
 
 trio is imported where it is first used, not here: a save helper never needs it, and
 importing it takes ~0.35 s here — time QEMU would spend blocked on a full pipe.

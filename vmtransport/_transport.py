@@ -3,7 +3,7 @@
 A transport turns a parsed URI into a *sink* (save direction: QEMU's outgoing stream is
 written into it) or a *source* (restore direction: the stream is read from it).
 
-Blocking rules (docs/semantics.md): sinks block and are driven from worker threads;
+Blocking rules (docs/semantics.md): sinks block and are driven off the event loop;
 sources are async and never block the trio event loop.
 
 Buffers handed to :meth:`Sink.write` and :meth:`Source.readinto` are page aligned
@@ -24,7 +24,7 @@ from ._uri import URI, parse_uri
 class Sink(abc.ABC):
     """Where a stream goes (save direction). Exactly one of commit or abort ends it.
 
-    Methods block and are called from one worker thread at a time, never from an event
+    Methods block and are called from one thread at a time, never from an event
     loop: QEMU's outgoing channels are blocking too (its migration runs in a thread).
     """
 
