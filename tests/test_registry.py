@@ -23,7 +23,7 @@ from test_transports import qemu_stream
 
 import vmtransport
 from vmtransport import PluginError, Registry, Transport, URIError
-from vmtransport import transports as builtin_transports
+from vmtransport.transports import _builtin as builtin_transports
 from vmtransport.transports import ExecTransport, FdTransport, FileTransport, ODirectTransport
 
 VMT = Path(sys.executable).parent / "vmtransport"

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from . import _log
 from ._copy import copy, restore_fd, save_fd
 from ._errors import Interrupted, UsageError, VMTransportError
-from ._pump import BlockingReader, run_trio
+from ._pump import BlockingReader, EarlySource, run_trio
 from ._registry import get_registry
 from ._version import __version__
 
@@ -74,8 +74,13 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
-def main(argv: Sequence[str] | None = None, *, early: BlockingReader | None = None) -> int:
-    """Run the CLI; ``early`` is the stdin reader ``_main`` started for a save."""
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    early: BlockingReader | None = None,
+    early_restore: EarlySource | None = None,
+) -> int:
+    """Run the CLI; ``early``/``early_restore`` are what ``_main`` started ahead."""
     verbose = "-v" in (argv if argv is not None else sys.argv[1:]) or "--verbose" in (
         argv if argv is not None else sys.argv[1:]
     )
@@ -111,7 +116,7 @@ def main(argv: Sequence[str] | None = None, *, early: BlockingReader | None = No
             stats = save_fd(args.uri, 0, name=args.name, reader=early)
             what = f"saved to {args.uri}"
         elif args.command == "restore":
-            stats = restore_fd(args.uri, 1)
+            stats = restore_fd(args.uri, 1, early=early_restore)
             what = f"restored from {args.uri}"
         else:
             stats = run_trio(lambda: copy(args.src, args.dst, name=args.name))

@@ -9,7 +9,15 @@ from typing import Final
 from ._errors import StreamError, UsageError
 from ._image import QEMU_MAGIC, ImageWriter, NullSink, StreamReader, StreamWriter, save_metadata
 from ._io import FdSink, is_pollable
-from ._pump import BlockingReader, PumpStats, fd_reader, pump, pump_blocking, run_trio
+from ._pump import (
+    BlockingReader,
+    EarlySource,
+    PumpStats,
+    fd_reader,
+    pump,
+    pump_blocking,
+    run_trio,
+)
 from ._registry import get_registry
 from ._transport import SeekableSink, Sink, Source, Transport
 
@@ -94,11 +102,25 @@ async def copy(src: str, dst: str, *, name: str | None = None) -> PumpStats:
     return await pump(source, StreamReader(sink, src))
 
 
-def _reader_pump(uri: str, out: Sink, *, inspect: bool = False) -> tuple[PumpStats, StreamReader]:
+def _reader_pump(
+    uri: str, out: Sink, *, inspect: bool = False, early: EarlySource | None = None
+) -> tuple[PumpStats, StreamReader]:
     """Run ``uri`` through a StreamReader into ``out``: threads for file-backed sources,
-    trio otherwise."""
-    transport = get_registry().resolve(uri)
+    trio otherwise. ``early``: the same source, opened and being read already."""
+    try:
+        transport = get_registry().resolve(uri)
+    except BaseException:
+        if early is not None:
+            early.discard()
+        raise
     reader = StreamReader(out, uri, inspect=inspect)
+    if early is not None:
+        if type(transport) is early.transport:
+            try:
+                return pump_blocking(early.reader, reader), reader
+            finally:
+                early.source.close()
+        early.discard()  # a plugin's class after all: start over with it
     source = transport.open_threaded_source()
     if source is not None:
         try:
@@ -118,17 +140,22 @@ def _reader_pump(uri: str, out: Sink, *, inspect: bool = False) -> tuple[PumpSta
 REFUSED: Final = b"VMTRANSPORT-REFUSED\n"
 
 
-def restore_fd(uri: str, fd: int = 1) -> PumpStats:
+def restore_fd(uri: str, fd: int = 1, *, early: EarlySource | None = None) -> PumpStats:
     """Restore ``uri`` (a raw stream, an image or a libvirt save image) to ``fd``.
 
     When it fails before any stream byte went out and ``fd`` is a pipe or socket,
     :data:`REFUSED` is written so that a QEMU on the other end fails too."""
-    get_registry().resolve(uri)  # a bad URI is a usage error before anything else
-    if os.isatty(fd):
-        raise UsageError("restore writes the migration stream to stdout, which is a terminal")
+    try:
+        get_registry().resolve(uri)  # a bad URI is a usage error before anything else
+        if os.isatty(fd):
+            raise UsageError("restore writes the migration stream to stdout, which is a terminal")
+    except BaseException:
+        if early is not None:
+            early.discard()
+        raise
     out = FdSink(fd, "stdout", close=False)
     try:
-        return _reader_pump(uri, out)[0]
+        return _reader_pump(uri, out, early=early)[0]
     except BaseException:
         if not out.started and is_pollable(fd):
             import select

@@ -29,7 +29,7 @@ from typing import Final, NamedTuple, TypeVar
 
 from ._errors import VMTransportError
 from ._io import aligned_buffer, grow_pipe
-from ._transport import Sink, Source
+from ._transport import Sink, Source, ThreadedSource, Transport
 
 BUFFER_SIZE: Final = 8 << 20
 BUFFERS: Final = 4
@@ -165,6 +165,19 @@ class BlockingReader:
 
     def close(self) -> None:
         _close_pool(self.pool)
+
+
+class EarlySource(NamedTuple):
+    """A threaded source opened, and a reader started on it, before the registry."""
+
+    transport: type[Transport]
+    source: ThreadedSource
+    reader: BlockingReader
+
+    def discard(self) -> None:
+        self.reader.stop()
+        self.reader.close()
+        self.source.close()
 
 
 def pump_blocking(

@@ -113,12 +113,12 @@ class Registry:
     """The known schemes. Build one with :func:`get_registry` (cached) or directly."""
 
     def __init__(self, *, entry_points: bool = True, extra: tuple[object, ...] = ()) -> None:
-        from . import transports
+        from .transports import _builtin
 
         pm = pluggy.PluginManager(_hookspecs.PROJECT)
         pm.add_hookspecs(_hookspecs)
         origins: dict[str, str] = {}
-        pm.register(transports, name="builtin")
+        pm.register(_builtin, name="builtin")
         origins["builtin"] = "built-in"
         for i, plugin in enumerate(extra):
             name = getattr(plugin, "__name__", f"extra-{i}")
