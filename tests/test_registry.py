@@ -23,8 +23,8 @@ from test_transports import qemu_stream
 
 import vmtransport
 from vmtransport import PluginError, Registry, Transport, URIError
-from vmtransport.transports import _builtin as builtin_transports
 from vmtransport.transports import ExecTransport, FdTransport, FileTransport, ODirectTransport
+from vmtransport.transports import _builtin as builtin_transports
 
 VMT = Path(sys.executable).parent / "vmtransport"
 FIXTURES = Path(__file__).parent / "plugin_fixture"
