@@ -57,8 +57,7 @@ def save_fd(
     try:
         sink = _save_sink(transport, name)
     except BaseException:
-        reader.stop()
-        reader.close()
+        reader.discard()
         raise
     try:
         # Refuse what cannot start a QEMU stream as soon as its first bytes arrive: the
@@ -71,8 +70,7 @@ def save_fd(
                 f"expected {QEMU_MAGIC.hex()}"
             )
     except BaseException:
-        reader.stop()
-        reader.close()
+        reader.discard()
         sink.abort()
         raise
     return pump_blocking(reader, sink)
@@ -103,17 +101,12 @@ async def copy(src: str, dst: str, *, name: str | None = None) -> PumpStats:
 
 
 def _reader_pump(
-    uri: str, out: Sink, *, inspect: bool = False, early: EarlySource | None = None
+    transport: Transport, out: Sink, *, inspect: bool = False, early: EarlySource | None = None
 ) -> tuple[PumpStats, StreamReader]:
-    """Run ``uri`` through a StreamReader into ``out``: threads for file-backed sources,
-    trio otherwise. ``early``: the same source, opened and being read already."""
-    try:
-        transport = get_registry().resolve(uri)
-    except BaseException:
-        if early is not None:
-            early.discard()
-        raise
-    reader = StreamReader(out, uri, inspect=inspect)
+    """Run the transport's stream through a StreamReader into ``out``: threads for
+    file-backed sources, trio otherwise. ``early``: maybe the same source, opened and
+    being read already (it is used or discarded)."""
+    reader = StreamReader(out, str(transport.uri), inspect=inspect)
     if early is not None:
         if type(transport) is early.transport:
             try:
@@ -146,7 +139,7 @@ def restore_fd(uri: str, fd: int = 1, *, early: EarlySource | None = None) -> Pu
     When it fails before any stream byte went out and ``fd`` is a pipe or socket,
     :data:`REFUSED` is written so that a QEMU on the other end fails too."""
     try:
-        get_registry().resolve(uri)  # a bad URI is a usage error before anything else
+        transport = get_registry().resolve(uri)  # a bad URI is a usage error first
         if os.isatty(fd):
             raise UsageError("restore writes the migration stream to stdout, which is a terminal")
     except BaseException:
@@ -155,7 +148,7 @@ def restore_fd(uri: str, fd: int = 1, *, early: EarlySource | None = None) -> Pu
         raise
     out = FdSink(fd, "stdout", close=False)
     try:
-        return _reader_pump(uri, out, early=early)[0]
+        return _reader_pump(transport, out, early=early)[0]
     except BaseException:
         if not out.started and is_pollable(fd):
             import select
@@ -177,5 +170,5 @@ async def restore(uri: str, fd: int = 1) -> PumpStats:
 
 def read_all(uri: str) -> StreamReader:
     """Read the whole image or stream at ``uri`` and describe it (inspect, verify)."""
-    return _reader_pump(uri, NullSink(), inspect=True)[1]
+    return _reader_pump(get_registry().resolve(uri), NullSink(), inspect=True)[1]
 

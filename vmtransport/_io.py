@@ -181,7 +181,6 @@ class FdSink(Sink):
         self.label = label
         self._close = close
         self._regular = stat.S_ISREG(os.fstat(fd).st_mode)
-        self.written = 0
         self.started = False  # a write began (some of it may have gone out)
         grow_pipe(fd)
 
@@ -191,7 +190,6 @@ class FdSink(Sink):
             write_all(self.fd, data)
         except OSError as exc:
             raise io_error(f"writing {self.label}", exc) from exc
-        self.written += len(data)
 
     def _release(self) -> None:
         if self._close and self.fd >= 0:

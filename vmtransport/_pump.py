@@ -49,10 +49,12 @@ class PumpStats(NamedTuple):
 
 
 def _write_chunk(sink: Sink, taps: Sequence[Tap], buf: mmap.mmap, n: int) -> None:
-    with memoryview(buf) as whole, whole[:n] as view:
-        for tap in taps:
-            tap(view)
-        sink.write(view)
+    # Views are not released explicitly: a failing write's traceback may still hold
+    # slices of them, and release() would then raise BufferError over the real error.
+    view = memoryview(buf)[:n]
+    for tap in taps:
+        tap(view)
+    sink.write(view)
 
 
 def _close_pool(pool: Sequence[mmap.mmap]) -> None:
@@ -166,6 +168,11 @@ class BlockingReader:
     def close(self) -> None:
         _close_pool(self.pool)
 
+    def discard(self) -> None:
+        """Give up before the pump ran: stop reading and release the buffers."""
+        self.stop()
+        self.close()
+
 
 class EarlySource(NamedTuple):
     """A threaded source opened, and a reader started on it, before the registry."""
@@ -175,8 +182,7 @@ class EarlySource(NamedTuple):
     reader: BlockingReader
 
     def discard(self) -> None:
-        self.reader.stop()
-        self.reader.close()
+        self.reader.discard()
         self.source.close()
 
 
