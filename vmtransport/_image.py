@@ -209,16 +209,15 @@ class ImageWriter(StreamWriter):
         self._put_header(ImageHeader(STATE_PARTIAL, 0, b"", 0, {}), first=True)
 
     def _put_header(self, header: ImageHeader, *, first: bool = False) -> None:
+        # No explicit release/close: if the write fails (or a signal's exception lands in
+        # it), its traceback still holds slices of the view, and releasing would raise
+        # BufferError in place of the real error. The mapping goes with the last view.
         buf = aligned_buffer(HEADER_SIZE)
-        try:
-            buf[:] = header.encode()
-            with memoryview(buf) as view:
-                if first:
-                    self._inner.write(view)
-                else:
-                    self._seekable.rewrite(0, view)
-        finally:
-            buf.close()
+        buf[:] = header.encode()
+        if first:
+            self._inner.write(memoryview(buf))
+        else:
+            self._seekable.rewrite(0, memoryview(buf))
 
     def write(self, data: memoryview) -> None:
         self._check(data)
