@@ -509,12 +509,18 @@ class VM:
 
     def wait_migration(self, timeout: float = 120.0, poll: float = 0.05) -> dict[str, Any]:
         """Poll query-migrate until completed, failed or cancelled; return that result.
-        On timeout raises VMError with the last result and QEMU's log."""
+        On timeout raises VMError with the last result and QEMU's log.
+
+        QEMU reports "completed" before its cleanup bottom half moves the run state from
+        finish-migrate on (to postmigrate, or back after a failure): wait for that too, so
+        callers see the final run state."""
         deadline = time.monotonic() + timeout
         while True:
             self._check_alive("migrating")
             info = self.query_migrate()
             if info.get("status") in FINAL_MIGRATION_STATES:
+                while self.status() == "finish-migrate" and time.monotonic() < deadline:
+                    time.sleep(0.01)
                 return info
             if time.monotonic() >= deadline:
                 raise self._error(f"migration not finished after {timeout}s: {info}")
