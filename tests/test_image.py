@@ -33,8 +33,8 @@ import xxhash
 
 import vmtransport
 from vmtransport._copy import REFUSED
+from vmtransport._early import BUFFER_SIZE
 from vmtransport._libvirt_image import build_libvirt_header
-from vmtransport._pump import BUFFER_SIZE
 
 VMT = Path(sys.executable).parent / "vmtransport"
 DATA = Path(__file__).parent / "data"

@@ -25,8 +25,9 @@ from test_transports import big_stream
 
 import vmtransport
 from vmtransport import Sink, TransportError
-from vmtransport._io import PAGE, PIPE_SIZE, FdSink, FdSource, grow_pipe
-from vmtransport._pump import BUFFER_SIZE, BUFFERS, Tap, fd_reader, pump_blocking
+from vmtransport._early import BUFFER_SIZE, BUFFERS, PAGE, PIPE_SIZE, fd_reader, grow_pipe
+from vmtransport._io import FdSink, FdSource
+from vmtransport._pump import Tap, pump_blocking
 
 VMT = Path(sys.executable).parent / "vmtransport"
 MIB = 1 << 20

@@ -37,8 +37,9 @@ import trio
 import vmtransport
 from vmtransport import TransportError
 from vmtransport._copy import REFUSED
+from vmtransport._early import fd_reader
 from vmtransport._pagecache import cached_bytes
-from vmtransport._pump import fd_reader, pump_blocking
+from vmtransport._pump import pump_blocking
 
 VMT = Path(sys.executable).parent / "vmtransport"
 MIB = 1 << 20

@@ -7,12 +7,12 @@ before it imports them (see ``_main``).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
 from ._version import __version__
 
+TYPE_CHECKING = False  # not typing's: a helper's start-up counts (see ``_early``)
 if TYPE_CHECKING:
+    from typing import Any
+
     from ._copy import copy, open_sink, open_source, restore, restore_fd, save, save_fd
     from ._errors import (
         CommandError,
@@ -107,6 +107,8 @@ def __getattr__(name: str) -> Any:
         module, attr = _EXPORTS[name]
     except KeyError:
         raise AttributeError(f"module 'vmtransport' has no attribute {name!r}") from None
+    import importlib
+
     value = getattr(importlib.import_module(module, __name__), attr)
     globals()[name] = value
     return value

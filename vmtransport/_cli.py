@@ -10,8 +10,9 @@ from collections.abc import Sequence
 
 from . import _log
 from ._copy import copy, restore_fd, save_fd
+from ._early import BlockingReader
 from ._errors import Interrupted, UsageError, VMTransportError
-from ._pump import BlockingReader, EarlySource, run_trio
+from ._pump import EarlySource, run_trio
 from ._registry import get_registry
 from ._version import __version__
 

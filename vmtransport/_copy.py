@@ -6,18 +6,11 @@ from __future__ import annotations
 import os
 from typing import Final
 
+from ._early import BlockingReader, fd_reader
 from ._errors import StreamError, UsageError
 from ._image import QEMU_MAGIC, ImageWriter, NullSink, StreamReader, StreamWriter, save_metadata
 from ._io import FdSink, is_pollable
-from ._pump import (
-    BlockingReader,
-    EarlySource,
-    PumpStats,
-    fd_reader,
-    pump,
-    pump_blocking,
-    run_trio,
-)
+from ._pump import EarlySource, PumpStats, pump, pump_blocking, run_trio
 from ._registry import get_registry
 from ._transport import SeekableSink, Sink, Source, Transport
 
@@ -63,7 +56,7 @@ def save_fd(
         # Refuse what cannot start a QEMU stream as soon as its first bytes arrive: the
         # pump hands a buffer on only once it is full (8 MiB), and a producer that wrote
         # a few bytes of junk and keeps its end open would stall us.
-        first = reader.first_bytes(lambda head: not QEMU_MAGIC.startswith(head))
+        first = reader.first_bytes()
         if first and not QEMU_MAGIC.startswith(first):
             raise StreamError(
                 f"{transport.uri}: not a QEMU migration stream: starts {first.hex()}, "

@@ -29,8 +29,8 @@ import struct
 import zlib
 from typing import Any, Final, NamedTuple, final
 
+from ._early import aligned_buffer
 from ._errors import StreamError, TransportError
-from ._io import aligned_buffer
 from ._transport import SeekableSink, Sink
 from .stream import StreamParser
 

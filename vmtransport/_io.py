@@ -12,56 +12,17 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import mmap
 import os
 import select
 import stat
 from typing import Final
 
+from ._early import grow_pipe
 from ._errors import TransportError
 from ._transport import Sink, Source, ThreadedSource
 
-PAGE: Final = mmap.PAGESIZE
 #: alignment for O_DIRECT buffers, lengths and offsets (covers 512 and 4096-byte sectors)
 DIRECT_ALIGN: Final = 4096
-PIPE_SIZE: Final = 1 << 20
-_HUGE_PAGE: Final = 2 << 20
-
-
-def aligned_buffer(size: int) -> mmap.mmap:
-    """Anonymous page-aligned memory: usable as an O_DIRECT buffer.
-
-    Backed by transparent huge pages where the kernel offers them (``madvise`` mode):
-    fewer TLB misses for the copy out of the pipe and cheaper page pinning for each
-    O_DIRECT write; the CPU they save is the CPU QEMU's migration thread competes for.
-    """
-    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if size >= _HUGE_PAGE:
-        try:
-            buf.madvise(mmap.MADV_HUGEPAGE)
-        except (AttributeError, OSError):
-            pass
-    return buf
-
-
-def grow_pipe(fd: int, size: int = PIPE_SIZE) -> int:
-    """Grow a pipe's capacity (the largest single win for throughput); return the size.
-
-    Best effort: an unprivileged process is capped by /proc/sys/fs/pipe-max-size.
-    Not a pipe, or refused: return 0 and leave it alone.
-    """
-    try:
-        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
-            return 0
-        cur = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
-        if cur >= size:
-            return cur
-        return fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
-    except OSError:
-        try:
-            return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
-        except OSError:
-            return 0
 
 
 def is_pollable(fd: int) -> bool:

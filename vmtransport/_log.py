@@ -6,8 +6,7 @@ blocked (see _pump), so nothing imports it until there is something to log.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+TYPE_CHECKING = False  # typing's costs milliseconds of a helper's start-up
 if TYPE_CHECKING:
     import logging
 

@@ -2,16 +2,16 @@
 
 For ``save`` it starts reading QEMU's stream into the pump's buffers *before* importing
 the rest of the package: QEMU blocks as soon as the 1 MiB pipe is full, and the imports
-take ~0.1 s here — time the migration would otherwise spend waiting (see _pump).
-Everything else goes straight to the CLI.
+take 0.1 s or more here — time the migration would otherwise spend waiting (see
+``_early``). Everything else goes straight to the CLI.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # not typing's: importing typing costs milliseconds here
 if TYPE_CHECKING:
     from ._pump import EarlySource
 
@@ -30,7 +30,8 @@ def _early_restore(argv: list[str]) -> EarlySource | None:
     words = [a for a in argv if not a.startswith("-")]
     if words[:1] != ["restore"] or len(words) != 2 or os.isatty(1):
         return None
-    from ._pump import BlockingReader, EarlySource
+    from ._early import BlockingReader
+    from ._pump import EarlySource
     from .transports import FileTransport, ODirectTransport
 
     uri = words[1]
@@ -50,6 +51,10 @@ def _early_restore(argv: list[str]) -> EarlySource | None:
 
 
 def main() -> int:
+    # The reader thread needs the GIL back after every read of the pipe, while this
+    # thread imports and parses; the default 5 ms switch interval would let QEMU's pipe
+    # fill between two reads.
+    sys.setswitchinterval(0.0002)
     from . import _log
 
     _log.cli_stderr = True  # before the early opens: they may warn (O_DIRECT fallback)
@@ -58,7 +63,7 @@ def main() -> int:
     early_save = early_restore = None
     if not helpish:
         if _is_save(argv) and not os.isatty(0):
-            from ._pump import BlockingReader, fd_reader
+            from ._early import BlockingReader, fd_reader
 
             early_save = BlockingReader(fd_reader(0), label="stdin", magic=b"QEVM")
         else:

@@ -2,16 +2,17 @@
 
 A fixed pool of page-aligned buffers circulates between a reader and a writer: the
 reader fills a free buffer completely (so O_DIRECT writes are whole aligned blocks; only
-the last is short), the writer drains full ones; one of the two runs in a thread. When the sink is
-slow the pool runs dry and the reader stops reading: back-pressure reaches the producer
+the last is short), the writer drains full ones; one of the two runs in a thread. When the
+sink is slow the pool runs dry and the reader stops reading: back-pressure reaches the producer
 through the pipe, and memory stays at ``buffers * buffer_size`` whatever the stream.
 
 Two drivers share that shape:
 
-* :func:`pump_blocking` — threads only, from a blocking read function: a save helper's
-  stdin (QEMU's migration thread writes it in blocking mode) or a restore helper's
-  file (:class:`ThreadedSource`). It needs no event loop, so a helper starts in a few
-  tens of milliseconds instead of paying for importing trio while QEMU waits.
+* :func:`pump_blocking` — threads only, from a blocking read function
+  (:class:`~._early.BlockingReader`): a save helper's stdin (QEMU's migration thread
+  writes it in blocking mode) or a restore helper's file (:class:`ThreadedSource`).
+  It needs no event loop, so a helper starts in a few tens of milliseconds instead
+  of paying for importing trio while QEMU waits.
 * :func:`pump` — from an async :class:`Source` on the trio event loop (restore, copy).
 
 Taps see every chunk, in order, before it is written (a stream parser, a checksum); a
@@ -21,19 +22,20 @@ tap that raises stops the pump and aborts both ends.
 from __future__ import annotations
 
 import mmap
-import queue
-import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final, NamedTuple, TypeVar
+from typing import NamedTuple, TypeVar
 
+from ._early import (
+    BUFFER_SIZE,
+    BUFFERS,
+    BlockingReader,
+    aligned_buffer,
+    check_geometry,
+    close_pool,
+)
 from ._errors import VMTransportError
-from ._io import aligned_buffer, grow_pipe
 from ._transport import Sink, Source, ThreadedSource, Transport
-
-BUFFER_SIZE: Final = 8 << 20
-BUFFERS: Final = 4
-#: seconds a failing pump_blocking waits for its writer thread before aborting the sink
 
 Tap = Callable[[memoryview], None]
 T = TypeVar("T")
@@ -55,123 +57,6 @@ def _write_chunk(sink: Sink, taps: Sequence[Tap], buf: mmap.mmap, n: int) -> Non
     for tap in taps:
         tap(view)
     sink.write(view)
-
-
-def _close_pool(pool: Sequence[mmap.mmap]) -> None:
-    for b in pool:
-        try:
-            b.close()
-        except BufferError:
-            # An error's traceback still holds a slice of it (write_all's ``data``): the
-            # mapping is freed with that traceback. Raising here would mask the error.
-            pass
-
-
-def _check_geometry(buffer_size: int, buffers: int) -> None:
-    if buffer_size % mmap.PAGESIZE or buffer_size <= 0 or buffers < 2:
-        raise ValueError(f"bad pump geometry: {buffers} x {buffer_size} bytes")
-
-
-class BlockingReader:
-    """Fills the pump's buffers from a blocking ``read`` function, in a thread of its own.
-
-    It may start before anything else is ready: the save helper starts it before its
-    imports (``vmtransport._main``), so QEMU's stream flows into the buffer pool while
-    Python loads instead of QEMU blocking on a full pipe. ``read`` is called for every
-    few KiB QEMU writes, so it should be a bare C method (``FileIO.readinto``, see
-    :func:`fd_reader`); an OSError from it becomes a TransportError naming ``label``.
-    """
-
-    def __init__(
-        self,
-        read: Callable[[memoryview], int | None],
-        *,
-        label: str = "the source",
-        magic: bytes = b"",
-        buffer_size: int = BUFFER_SIZE,
-        buffers: int = BUFFERS,
-    ) -> None:
-        _check_geometry(buffer_size, buffers)
-        self._read = read
-        self._magic = magic  # a stream not starting so is not read any further
-        self.label = label
-        self._size = buffer_size
-        self.pool = [aligned_buffer(buffer_size) for _ in range(buffers)]
-        self.free: queue.SimpleQueue[mmap.mmap | None] = queue.SimpleQueue()
-        self.full: queue.SimpleQueue[tuple[mmap.mmap, int] | None] = queue.SimpleQueue()
-        for b in self.pool:
-            self.free.put(b)
-        self.error: BaseException | None = None
-        self.head = b""  #: the stream's first bytes (up to HEAD), for a magic check
-        self._head_cond = threading.Condition()
-        self._done = False
-        self._thread = threading.Thread(target=self._run, name="vmtransport-reader", daemon=True)
-        self._thread.start()
-
-    HEAD: Final = 4  #: as many as QEMU's magic
-
-    def _run(self) -> None:
-        from ._io import io_error
-
-        read, size = self._read, self._size
-        try:
-            eof = False
-            while not eof:
-                buf = self.free.get()
-                if buf is None:  # stop()
-                    return
-                n = 0
-                with memoryview(buf) as view:
-                    while n < size:
-                        k = read(view[n:])
-                        if not k:
-                            if k is None:  # EAGAIN: someone made it non-blocking
-                                _wait_readable(read)
-                                continue
-                            eof = True
-                            break
-                        if len(self.head) < self.HEAD:
-                            with self._head_cond:
-                                want = min(k, self.HEAD - len(self.head))
-                                self.head += bytes(view[n : n + want])
-                                self._head_cond.notify_all()
-                            if self._magic and not self._magic.startswith(self.head):
-                                return  # junk: first_bytes() shows it, the caller refuses
-                        n += k
-                if n:
-                    self.full.put((buf, n))
-                else:
-                    self.free.put(buf)
-        except OSError as exc:
-            self.error = io_error(f"reading {self.label}", exc)
-        except BaseException as exc:
-            self.error = exc
-        finally:
-            with self._head_cond:
-                self._done = True
-                self._head_cond.notify_all()
-            self.full.put(None)
-
-    def first_bytes(self, decided: Callable[[bytes], bool] = lambda head: False) -> bytes:
-        """Wait for the stream's first HEAD bytes — fewer at its end, or as soon as
-        ``decided(head)`` — and return them."""
-        with self._head_cond:
-            self._head_cond.wait_for(
-                lambda: self._done or len(self.head) >= self.HEAD or decided(self.head)
-            )
-            return self.head
-
-    def stop(self) -> None:
-        """Stop at the next buffer boundary (a read in progress is left to finish)."""
-        self.free.put(None)
-
-    def close(self) -> None:
-        _close_pool(self.pool)
-
-    def discard(self) -> None:
-        """Give up before the pump ran: stop reading and release the buffers."""
-        self.stop()
-        self.close()
 
 
 class EarlySource(NamedTuple):
@@ -227,23 +112,6 @@ def pump_blocking(
     return PumpStats(total, time.monotonic() - start)
 
 
-def fd_reader(fd: int) -> Callable[[memoryview], int | None]:
-    """The read function for :func:`pump_blocking` from a descriptor: one C call per read
-    (QEMU writes its stream a few KiB at a time). A pipe is grown to 1 MiB first."""
-    import io
-
-    grow_pipe(fd)
-    return io.FileIO(fd, "rb", closefd=False).readinto
-
-
-def _wait_readable(read: Callable[[memoryview], int | None]) -> None:
-    import select
-
-    raw = getattr(read, "__self__", None)
-    if raw is not None and hasattr(raw, "fileno"):
-        select.select([raw.fileno()], [], [])
-
-
 def _first_error(exc: BaseException) -> BaseException:
     """Unwrap nursery exception groups to the error a user should see."""
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
@@ -268,7 +136,7 @@ async def pump(
     """
     import trio
 
-    _check_geometry(buffer_size, buffers)
+    check_geometry(buffer_size, buffers)
     pool = [aligned_buffer(buffer_size) for _ in range(buffers)]
     free_send, free_recv = trio.open_memory_channel[mmap.mmap](buffers)
     full_send, full_recv = trio.open_memory_channel[tuple[mmap.mmap, int]](buffers)
@@ -319,7 +187,7 @@ async def pump(
             await source.abort()
         raise
     finally:
-        _close_pool(pool)
+        close_pool(pool)
     return PumpStats(total, time.monotonic() - start)
 
 

@@ -17,8 +17,9 @@ from collections.abc import Mapping
 from typing import ClassVar, final
 
 from .. import _log
+from .._early import aligned_buffer
 from .._errors import TransportError
-from .._io import DIRECT_ALIGN, FileSource, aligned_buffer, drop_cache, io_error, write_all
+from .._io import DIRECT_ALIGN, FileSource, drop_cache, io_error, write_all
 from .._transport import SeekableSink, Sink, Source, ThreadedSource, Transport
 from .._uri import URI
 from ._file import open_for_reading

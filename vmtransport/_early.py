@@ -1,0 +1,202 @@
+"""The buffer pool's reader: what the ``vmtransport`` command starts before anything else.
+
+QEMU blocks as soon as the pipe to a save helper is full (1 MiB), so the helper starts
+reading QEMU's stream into its buffer pool a few milliseconds after the interpreter is up,
+and imports the rest of the package while the stream flows (see ``_main``). Hence this
+module imports C modules only: ``_thread`` and ``_queue`` rather than ``threading`` and
+``queue``, no ``typing`` at run time — on a loaded 2-core host each of those costs
+milliseconds of a migration that is blocked.
+"""
+
+from __future__ import annotations
+
+import _queue
+import _thread
+import fcntl
+import mmap
+import os
+import stat
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Final
+
+PAGE: Final = mmap.PAGESIZE
+PIPE_SIZE: Final = 1 << 20
+BUFFER_SIZE: Final = 8 << 20
+#: 64 MiB: absorbs the helper's start-up (the imports after the reader starts) at the
+#: rate QEMU produces, and keeps a helper's RSS well under 100 MiB.
+BUFFERS: Final = 8
+_HUGE_PAGE: Final = 2 << 20
+
+
+def aligned_buffer(size: int) -> mmap.mmap:
+    """Anonymous page-aligned memory: usable as an O_DIRECT buffer.
+
+    Backed by transparent huge pages where the kernel offers them (``madvise`` mode):
+    fewer TLB misses for the copy out of the pipe and cheaper page pinning for each
+    O_DIRECT write; the CPU they save is the CPU QEMU's migration thread competes for.
+    """
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if size >= _HUGE_PAGE:
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except (AttributeError, OSError):
+            pass
+    return buf
+
+
+def grow_pipe(fd: int, size: int = PIPE_SIZE) -> int:
+    """Grow a pipe's capacity (the largest single win for throughput); return the size.
+
+    Best effort: an unprivileged process is capped by /proc/sys/fs/pipe-max-size.
+    Not a pipe, or refused: return 0 and leave it alone.
+    """
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return 0
+        cur = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+        if cur >= size:
+            return cur
+        return fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+    except OSError:
+        try:
+            return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+        except OSError:
+            return 0
+
+
+def check_geometry(buffer_size: int, buffers: int) -> None:
+    if buffer_size % PAGE or buffer_size <= 0 or buffers < 2:
+        raise ValueError(f"bad pump geometry: {buffers} x {buffer_size} bytes")
+
+
+def fd_reader(fd: int) -> Callable[[memoryview], int | None]:
+    """The read function for a :class:`BlockingReader` from a descriptor: one C call per
+    read (QEMU writes its stream a few KiB at a time). A pipe is grown to 1 MiB first."""
+    import io  # already loaded by the interpreter: free
+
+    grow_pipe(fd)
+    return io.FileIO(fd, "rb", closefd=False).readinto
+
+
+def _wait_readable(read: Callable[[memoryview], int | None]) -> None:
+    import select
+
+    raw = getattr(read, "__self__", None)
+    if raw is not None and hasattr(raw, "fileno"):
+        select.select([raw.fileno()], [], [])
+
+
+class BlockingReader:
+    """Fills the pump's buffers from a blocking ``read`` function, in a thread of its own.
+
+    The reader fills a free buffer completely (so O_DIRECT writes are whole aligned
+    blocks; only the last is short) and queues it on ``full``; whoever drains ``full``
+    puts buffers back on ``free``. ``None`` on ``full`` marks the end (then see
+    ``error``). ``read`` is called for every few KiB QEMU writes, so it should be a bare
+    C method (``FileIO.readinto``, see :func:`fd_reader`); an OSError from it becomes a
+    TransportError naming ``label``. With ``magic``, a stream whose first bytes differ
+    is not read any further (:meth:`first_bytes` shows them).
+    """
+
+    HEAD: Final = 4  #: as many as QEMU's magic
+
+    def __init__(
+        self,
+        read: Callable[[memoryview], int | None],
+        *,
+        label: str = "the source",
+        magic: bytes = b"",
+        buffer_size: int = BUFFER_SIZE,
+        buffers: int = BUFFERS,
+    ) -> None:
+        check_geometry(buffer_size, buffers)
+        self._read = read
+        self._magic = magic
+        self.label = label
+        self._size = buffer_size
+        self.pool = [aligned_buffer(buffer_size) for _ in range(buffers)]
+        self.free: _queue.SimpleQueue[mmap.mmap | None] = _queue.SimpleQueue()
+        self.full: _queue.SimpleQueue[tuple[mmap.mmap, int] | None] = _queue.SimpleQueue()
+        for b in self.pool:
+            self.free.put(b)
+        self.error: BaseException | None = None
+        self.head = b""  #: the stream's first bytes (up to HEAD), for a magic check
+        self._head_known = _thread.allocate_lock()  # held until head is complete or final
+        self._head_known.acquire()
+        self._head_released = False
+        _thread.start_new_thread(self._run, ())
+
+    def _head_done(self) -> None:  # the reader thread's alone
+        if not self._head_released:
+            self._head_released = True
+            self._head_known.release()
+
+    def _run(self) -> None:
+        read, size, magic = self._read, self._size, self._magic
+        try:
+            eof = False
+            while not eof:
+                buf = self.free.get()
+                if buf is None:  # stop()
+                    return
+                n = 0
+                with memoryview(buf) as view:
+                    while n < size:
+                        k = read(view[n:])
+                        if not k:
+                            if k is None:  # EAGAIN: someone made it non-blocking
+                                _wait_readable(read)
+                                continue
+                            eof = True
+                            break
+                        if len(self.head) < self.HEAD:
+                            self.head += bytes(view[n : n + min(k, self.HEAD - len(self.head))])
+                            if magic and not magic.startswith(self.head):
+                                return  # junk: first_bytes() shows it, the caller refuses
+                            if len(self.head) == self.HEAD:
+                                self._head_done()
+                        n += k
+                if n:
+                    self.full.put((buf, n))
+                else:
+                    self.free.put(buf)
+        except OSError as exc:
+            from ._io import io_error
+
+            self.error = io_error(f"reading {self.label}", exc)
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self._head_done()
+            self.full.put(None)
+
+    def first_bytes(self) -> bytes:
+        """Wait for the stream's first HEAD bytes (fewer at its end, or once they are
+        not ``magic``'s) and return them."""
+        with self._head_known:
+            return self.head
+
+    def stop(self) -> None:
+        """Stop at the next buffer boundary (a read in progress is left to finish)."""
+        self.free.put(None)
+
+    def close(self) -> None:
+        close_pool(self.pool)
+
+    def discard(self) -> None:
+        """Give up before the pump ran: stop reading and release the buffers."""
+        self.stop()
+        self.close()
+
+
+def close_pool(pool: list[mmap.mmap]) -> None:
+    for b in pool:
+        try:
+            b.close()
+        except BufferError:
+            # An error's traceback still holds a slice of it (write_all's ``data``): the
+            # mapping is freed with that traceback. Raising here would mask the error.
+            pass
