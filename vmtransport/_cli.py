@@ -12,7 +12,7 @@ from . import _log
 from ._copy import copy, restore_fd, save_fd
 from ._early import BlockingReader
 from ._errors import Interrupted, UsageError, VMTransportError
-from ._pump import EarlySource, run_trio
+from ._pump import EarlySave, EarlySource, run_trio
 from ._registry import get_registry
 from ._version import __version__
 
@@ -79,9 +79,11 @@ def main(
     argv: Sequence[str] | None = None,
     *,
     early: BlockingReader | None = None,
+    early_save: EarlySave | None = None,
     early_restore: EarlySource | None = None,
 ) -> int:
-    """Run the CLI; ``early``/``early_restore`` are what ``_main`` started ahead."""
+    """Run the CLI; ``early*`` are what ``_main`` started ahead (each is used by the
+    command it was started for, or discarded)."""
     verbose = "-v" in (argv if argv is not None else sys.argv[1:]) or "--verbose" in (
         argv if argv is not None else sys.argv[1:]
     )
@@ -114,15 +116,20 @@ def main(
         # while the writer thread parses and hashes: 0.2 ms, not the default 5 ms.
         sys.setswitchinterval(0.0002)
         if args.command == "save":
-            stats = save_fd(args.uri, 0, name=args.name, reader=early)
+            stats = save_fd(args.uri, 0, name=args.name, reader=early, early=early_save)
+            early_save = None
             what = f"saved to {args.uri}"
         elif args.command == "restore":
             stats = restore_fd(args.uri, 1, early=early_restore)
+            early_restore = None
             what = f"restored from {args.uri}"
         else:
             stats = run_trio(lambda: copy(args.src, args.dst, name=args.name))
             what = f"copied {args.src} to {args.dst}"
     except BaseException as raw:
+        for started in (early_save, early_restore):
+            if started is not None:  # not taken over: nothing it wrote may be kept
+                started.discard()
         exc = _unwrap(raw)
         if isinstance(exc, SystemExit):
             raise exc from None

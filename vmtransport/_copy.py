@@ -7,12 +7,12 @@ import os
 from typing import Final
 
 from ._early import BlockingReader, fd_reader
-from ._errors import StreamError, UsageError
-from ._image import QEMU_MAGIC, ImageWriter, NullSink, StreamReader, StreamWriter, save_metadata
+from ._errors import StreamError, TransportError, UsageError
+from ._image import QEMU_MAGIC, ImageWriter, NullSink, StreamReader, save_sink
 from ._io import FdSink, is_pollable
-from ._pump import EarlySource, PumpStats, pump, pump_blocking, run_trio
+from ._pump import EarlySave, EarlySource, PumpStats, pump, pump_blocking, run_trio
 from ._registry import get_registry
-from ._transport import SeekableSink, Sink, Source, Transport
+from ._transport import Sink, Source, Transport
 
 
 async def open_source(uri: str) -> Source:
@@ -25,33 +25,43 @@ def open_sink(uri: str) -> Sink:
     return get_registry().resolve(uri).open_sink()
 
 
-def _save_sink(transport: Transport, name: str | None) -> StreamWriter:
-    """The transport's sink behind the stream validator, as an image where it can be."""
-    sink = transport.open_sink()
-    label = str(transport.uri)
-    if transport.save_format == "image" and isinstance(sink, SeekableSink) and sink.rewritable:
-        return ImageWriter(sink, label, save_metadata(name))
-    return StreamWriter(sink, label)
-
-
 def save_fd(
-    uri: str, fd: int = 0, *, name: str | None = None, reader: BlockingReader | None = None
+    uri: str,
+    fd: int = 0,
+    *,
+    name: str | None = None,
+    reader: BlockingReader | None = None,
+    early: EarlySave | None = None,
 ) -> PumpStats:
     """Save the QEMU stream arriving on blocking descriptor ``fd`` (stdin) to ``uri``.
 
     Threads only, no event loop: this is what ``vmtransport save`` runs, passing the
-    ``reader`` it started on ``fd`` before its imports.
+    ``reader`` it started on ``fd`` before its imports — or, for ``file:`` and
+    ``odirect:``, the ``early`` save already writing that reader's buffers.
     """
-    transport = get_registry().resolve(uri)
-    if reader is None:
-        if os.isatty(fd):
-            raise UsageError("save reads the migration stream from stdin, which is a terminal")
-        reader = BlockingReader(fd_reader(fd), label="stdin", magic=QEMU_MAGIC)
     try:
-        sink = _save_sink(transport, name)
+        transport = get_registry().resolve(uri)
     except BaseException:
-        reader.discard()
+        if early is not None:
+            early.discard()
         raise
+    if early is not None:
+        if type(transport) is not early.transport or uri != early.uri:
+            early.discard()  # cannot happen: a plugin claiming file: is a registry error
+            raise TransportError(f"{uri}: the registry disagrees with the built-in transport")
+        reader, sink = early.writer.reader, early.writer.sink
+        if isinstance(sink, ImageWriter):
+            sink.metadata["name"] = name
+    else:
+        if reader is None:
+            if os.isatty(fd):
+                raise UsageError("save reads the migration stream from stdin, which is a terminal")
+            reader = BlockingReader(fd_reader(fd), label="stdin", magic=QEMU_MAGIC)
+        try:
+            sink = save_sink(transport, name)
+        except BaseException:
+            reader.discard()
+            raise
     try:
         # Refuse what cannot start a QEMU stream as soon as its first bytes arrive: the
         # pump hands a buffer on only once it is full (8 MiB), and a producer that wrote
@@ -63,10 +73,12 @@ def save_fd(
                 f"expected {QEMU_MAGIC.hex()}"
             )
     except BaseException:
+        if early is not None:
+            early.discard()
         reader.discard()
         sink.abort()
         raise
-    return pump_blocking(reader, sink)
+    return pump_blocking(reader, sink, early=early.writer if early is not None else None)
 
 
 async def save(uri: str, fd: int = 0, *, name: str | None = None) -> PumpStats:
@@ -86,7 +98,7 @@ async def copy(src: str, dst: str, *, name: str | None = None) -> PumpStats:
     src_t, dst_t = reg.resolve(src), reg.resolve(dst)
     source = await src_t.open_source()
     try:
-        sink = await trio.to_thread.run_sync(_save_sink, dst_t, name)
+        sink = await trio.to_thread.run_sync(save_sink, dst_t, name)
     except BaseException:
         await source.abort()
         raise
@@ -98,15 +110,18 @@ def _reader_pump(
 ) -> tuple[PumpStats, StreamReader]:
     """Run the transport's stream through a StreamReader into ``out``: threads for
     file-backed sources, trio otherwise. ``early``: maybe the same source, opened and
-    being read already (it is used or discarded)."""
-    reader = StreamReader(out, str(transport.uri), inspect=inspect)
+    going out to ``out`` already (it is used or discarded)."""
     if early is not None:
         if type(transport) is early.transport:
+            stream = early.writer.sink
+            assert isinstance(stream, StreamReader)
             try:
-                return pump_blocking(early.reader, reader), reader
+                return pump_blocking(early.writer.reader, stream, early=early.writer), stream
             finally:
                 early.source.close()
-        early.discard()  # a plugin's class after all: start over with it
+        early.discard()  # cannot happen: a plugin claiming file: is a registry error
+        raise TransportError(f"{transport.uri}: the registry disagrees with the built-in transport")
+    reader = StreamReader(out, str(transport.uri), inspect=inspect)
     source = transport.open_threaded_source()
     if source is not None:
         try:
@@ -139,7 +154,7 @@ def restore_fd(uri: str, fd: int = 1, *, early: EarlySource | None = None) -> Pu
         if early is not None:
             early.discard()
         raise
-    out = FdSink(fd, "stdout", close=False)
+    out = early.out if early is not None else FdSink(fd, "stdout", close=False)
     try:
         return _reader_pump(transport, out, early=early)[0]
     except BaseException:

@@ -31,7 +31,7 @@ from typing import Any, Final, NamedTuple, final
 
 from ._early import aligned_buffer
 from ._errors import StreamError, TransportError
-from ._transport import SeekableSink, Sink
+from ._transport import SeekableSink, Sink, Transport
 from .stream import StreamParser
 
 MAGIC: Final = b"VMTIMAGE"
@@ -204,7 +204,7 @@ class ImageWriter(StreamWriter):
     def __init__(self, inner: SeekableSink, label: str, metadata: dict[str, Any]) -> None:
         super().__init__(inner, label)
         self._seekable = inner
-        self._meta = metadata
+        self.metadata = metadata  #: the caller's part; may change until commit
         self._hash = _hasher()
         self._put_header(ImageHeader(STATE_PARTIAL, 0, b"", 0, {}), first=True)
 
@@ -228,11 +228,20 @@ class ImageWriter(StreamWriter):
         self._close_parser()
         eof = self.parser.eof_offset
         assert eof is not None
-        meta = dict(self._meta)
+        meta = dict(self.metadata)
         meta["stream"] = stream_metadata(self.parser)
         header = ImageHeader(STATE_COMPLETE, self.length, self._hash.digest(), eof, meta)
         self._put_header(header)
         self._inner.commit()
+
+
+def save_sink(transport: Transport, name: str | None) -> StreamWriter:
+    """The transport's sink behind the stream validator: an image where it can be."""
+    sink = transport.open_sink()
+    label = str(transport.uri)
+    if transport.save_format == "image" and isinstance(sink, SeekableSink) and sink.rewritable:
+        return ImageWriter(sink, label, save_metadata(name))
+    return StreamWriter(sink, label)
 
 
 def save_metadata(name: str | None) -> dict[str, Any]:

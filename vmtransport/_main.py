@@ -13,7 +13,9 @@ import sys
 
 TYPE_CHECKING = False  # not typing's: importing typing costs milliseconds here
 if TYPE_CHECKING:
-    from ._pump import EarlySource
+    from ._early import BlockingReader
+    from ._pump import EarlySave, EarlySource
+    from .transports import FileTransport, ODirectTransport
 
 
 def _is_save(argv: list[str]) -> bool:
@@ -22,32 +24,74 @@ def _is_save(argv: list[str]) -> bool:
     return words[:1] == ["save"] and not helpish
 
 
+def _builtin_file_transport(uri: str) -> type[FileTransport] | type[ODirectTransport] | None:
+    from .transports import FileTransport, ODirectTransport
+
+    scheme = uri.partition(":")[0]
+    return FileTransport if scheme == "file" else ODirectTransport if scheme == "odirect" else None
+
+
+def _save_uri(argv: list[str]) -> str | None:
+    """The URI of ``[-v] save [--name NAME] URI``; None for any other command line (an
+    abbreviated option, ``--``...): argparse has the last word, and this guess must
+    never name another URI than it does."""
+    rest = [a for a in argv if a not in ("-v", "--verbose")]
+    words: list[str] = []
+    i = 1
+    while i < len(rest):
+        if rest[i] == "--name":
+            i += 2
+            continue
+        if rest[i].startswith("-") and not rest[i].startswith("--name="):
+            return None
+        if not rest[i].startswith("-"):
+            words.append(rest[i])
+        i += 1
+    return words[0] if rest[:1] == ["save"] and len(words) == 1 else None
+
+
+def _early_save(argv: list[str], reader: BlockingReader) -> EarlySave | None:
+    """For ``save file:...``/``odirect:...``: open the target (unnamed until commit) and
+    write the reader's buffers into it from now on, while the CLI loads. Only a head
+    start: the CLI resolves the URI through the registry as always, carries on with
+    this only if that yields the same transport, and reports any error itself."""
+    uri = _save_uri(argv)
+    cls = _builtin_file_transport(uri) if uri is not None else None
+    if uri is None or cls is None:
+        return None
+    from ._image import save_sink
+    from ._pump import EarlySave, EarlyWriter
+
+    try:
+        sink = save_sink(cls(cls.parse(uri)), None)
+    except Exception:  # the CLI says what is wrong, in its own order
+        return None
+    return EarlySave(cls, uri, EarlyWriter(reader, sink))
+
+
 def _early_restore(argv: list[str]) -> EarlySource | None:
-    """For ``restore file:...``/``odirect:...``: open the file and start reading it into
-    the pump's buffers now, so QEMU gets its first bytes as soon as the CLI is ready.
-    Only a head start: the CLI resolves the URI through the registry as always, uses
-    this reader only if that yields the same transport, and reports any error itself."""
+    """For ``restore file:...``/``odirect:...``: open the file, start reading it into the
+    pump's buffers and sending the stream to stdout now, while the CLI loads. Only a
+    head start, as for saves: the registry must agree, and the CLI reports errors."""
     words = [a for a in argv if not a.startswith("-")]
     if words[:1] != ["restore"] or len(words) != 2 or os.isatty(1):
         return None
-    from ._early import BlockingReader
-    from ._pump import EarlySource
-    from .transports import FileTransport, ODirectTransport
-
     uri = words[1]
-    scheme = uri.partition(":")[0]
-    cls: type[FileTransport] | type[ODirectTransport]
-    if scheme == "file":
-        cls = FileTransport
-    elif scheme == "odirect":
-        cls = ODirectTransport
-    else:
+    cls = _builtin_file_transport(uri)
+    if cls is None:
         return None
+    from ._early import BlockingReader
+    from ._image import StreamReader
+    from ._io import FdSink
+    from ._pump import EarlySource, EarlyWriter
+
     try:
         source = cls(cls.parse(uri)).open_threaded_source()
-    except Exception:  # the CLI says what is wrong, in its own order
+    except Exception:
         return None
-    return EarlySource(cls, source, BlockingReader(source.read_blocking, label=uri))
+    out = FdSink(1, "stdout", close=False)
+    reader = BlockingReader(source.read_blocking, label=uri)
+    return EarlySource(cls, source, out, EarlyWriter(reader, StreamReader(out, uri)))
 
 
 def main() -> int:
@@ -60,14 +104,15 @@ def main() -> int:
     _log.cli_stderr = True  # before the early opens: they may warn (O_DIRECT fallback)
     argv = sys.argv[1:]
     helpish = {"-h", "--help", "--version"} & set(argv)
-    early_save = early_restore = None
+    early_reader = early_save = early_restore = None
     if not helpish:
         if _is_save(argv) and not os.isatty(0):
             from ._early import BlockingReader, fd_reader
 
-            early_save = BlockingReader(fd_reader(0), label="stdin", magic=b"QEVM")
+            early_reader = BlockingReader(fd_reader(0), label="stdin", magic=b"QEVM")
+            early_save = _early_save(argv, early_reader)
         else:
             early_restore = _early_restore(argv)
     from ._cli import main as cli_main
 
-    return cli_main(early=early_save, early_restore=early_restore)
+    return cli_main(early=early_reader, early_save=early_save, early_restore=early_restore)

@@ -22,6 +22,7 @@ tap that raises stops the pump and aborts both ends.
 from __future__ import annotations
 
 import mmap
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import NamedTuple, TypeVar
@@ -35,6 +36,7 @@ from ._early import (
     close_pool,
 )
 from ._errors import VMTransportError
+from ._io import FdSink
 from ._transport import Sink, Source, ThreadedSource, Transport
 
 Tap = Callable[[memoryview], None]
@@ -59,16 +61,98 @@ def _write_chunk(sink: Sink, taps: Sequence[Tap], buf: mmap.mmap, n: int) -> Non
     sink.write(view)
 
 
+class EarlyWriter:
+    """Writes a reader's buffers into a sink from a thread of its own, from before the
+    CLI is ready until :meth:`handoff` — so that a helper's start-up (argument parsing,
+    loading the plugin registry) does not hold the stream up once the pool is full.
+
+    The sink comes from a built-in transport opened ahead of the registry: whoever hands
+    off first checks that the registry resolves the URI to that same transport.
+    """
+
+    def __init__(self, reader: BlockingReader, sink: Sink) -> None:
+        self.reader = reader
+        self.sink = sink
+        self.started = time.monotonic()
+        self.total = 0
+        self.eof = False
+        self.error: BaseException | None = None
+        self._stopping = False
+        self._thread = threading.Thread(
+            target=self._run, name="vmtransport-early-writer", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        full, free = self.reader.full, self.reader.free
+        try:
+            while not self._stopping:
+                item = full.get()
+                if item is None:
+                    self.eof = True
+                    return
+                buf, n = item
+                if n < 0:  # handoff() or stop()
+                    return
+                _write_chunk(self.sink, (), buf, n)
+                self.total += n
+                free.put(buf)
+        except BaseException as exc:
+            self.error = exc
+
+    def _wake(self) -> None:
+        # A marker behind the buffers already queued: they are written first, in order.
+        self.reader.full.put((self.reader.pool[0], -1))
+
+    def handoff(self) -> tuple[int, bool]:
+        """Let the caller's thread take over; return the bytes written so far and whether
+        the stream has ended. Raises what the writer ran into."""
+        self._wake()
+        self._thread.join()  # interruptible: a signal's exception arrives here
+        if self.error is not None:
+            raise self.error
+        return self.total, self.eof
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop writing (a write in flight is waited for, up to ``timeout`` seconds)."""
+        self._stopping = True
+        self._wake()
+        self._thread.join(timeout)
+
+
 class EarlySource(NamedTuple):
-    """A threaded source opened, and a reader started on it, before the registry."""
+    """A threaded source opened, a reader started on it and the stream going out to
+    stdout already, before the registry: see ``_main``."""
 
     transport: type[Transport]
     source: ThreadedSource
-    reader: BlockingReader
+    out: FdSink  #: stdout
+    writer: EarlyWriter  #: its sink: the StreamReader in front of ``out``
 
     def discard(self) -> None:
-        self.reader.discard()
+        _discard(self.writer)
         self.source.close()
+
+
+class EarlySave(NamedTuple):
+    """A save's target opened (unnamed, until commit) and written from a thread before
+    the registry: see ``_main``."""
+
+    transport: type[Transport]
+    uri: str
+    writer: EarlyWriter  #: its sink: the StreamWriter/ImageWriter on the target
+
+    def discard(self) -> None:
+        _discard(self.writer)
+
+
+def _discard(writer: EarlyWriter) -> None:
+    """Abandon an early start: nothing it wrote is kept. Safe to repeat, and after the
+    pump took it over (an aborted or committed sink stays so)."""
+    writer.reader.stop()
+    writer.stop()
+    writer.sink.abort()
+    writer.reader.close()
 
 
 def pump_blocking(
@@ -79,23 +163,30 @@ def pump_blocking(
     taps: Sequence[Tap] = (),
     buffer_size: int = BUFFER_SIZE,
     buffers: int = BUFFERS,
+    early: EarlyWriter | None = None,
 ) -> PumpStats:
     """Copy from a blocking ``read`` (or a started :class:`BlockingReader`) to ``sink``
     until EOF; commit it, or abort it on any error.
 
     A reader thread fills buffers; the calling thread writes them, so a signal handler's
     exception (SIGTERM) arrives here, even in a write blocked on a stalled consumer, and
-    aborts the sink.
+    aborts the sink. ``early``: the thread that has been writing ``read`` into ``sink``
+    so far; this thread takes over from it.
     """
     reader = (
         read
         if isinstance(read, BlockingReader)
         else BlockingReader(read, label=label, buffer_size=buffer_size, buffers=buffers)
     )
-    start = time.monotonic()
+    if early is not None and (early.reader is not reader or early.sink is not sink or taps):
+        raise ValueError("pump_blocking: early writer of another reader or sink")
+    start = early.started if early is not None else time.monotonic()
     total = 0
     try:
-        while (item := reader.full.get()) is not None:
+        ended = False
+        if early is not None:
+            total, ended = early.handoff()
+        while not ended and (item := reader.full.get()) is not None:
             buf, n = item
             _write_chunk(sink, taps, buf, n)
             total += n
@@ -105,6 +196,8 @@ def pump_blocking(
         sink.commit()
     except BaseException:
         reader.stop()
+        if early is not None:
+            early.stop()
         sink.abort()
         raise
     finally:
