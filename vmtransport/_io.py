@@ -143,12 +143,17 @@ class FdSink(Sink):
         self._close = close
         self._regular = stat.S_ISREG(os.fstat(fd).st_mode)
         self.started = False  # a write began (some of it may have gone out)
-        grow_pipe(fd)
+        self._splice: _PageLender | None = None
+        if grow_pipe(fd) and _read_by_qemu(fd):
+            self._splice = _PageLender()
 
     def write(self, data: memoryview) -> None:
         self.started = True
         try:
-            write_all(self.fd, data)
+            if self._splice is not None:
+                self._splice.write(self.fd, data)
+            else:
+                write_all(self.fd, data)
         except OSError as exc:
             raise io_error(f"writing {self.label}", exc) from exc
 
@@ -174,6 +179,69 @@ class FdSink(Sink):
             self._release()
         except OSError:
             pass
+
+
+def _read_by_qemu(fd: int) -> bool:
+    """True when pipe ``fd``'s other end is held by the QEMU that started this process
+    (directly, or through ``/bin/sh -c``): an ``-incoming exec:`` channel, which QEMU
+    reads with readv(2). A reader that copies is what makes lending pages safe; one that
+    splice(2)s them on (to a socket, another pipe) could hold them after we reuse them,
+    so any other consumer gets plain writes."""
+    try:
+        pipe = os.readlink(f"/proc/self/fd/{fd}")
+        if not pipe.startswith("pipe:"):
+            return False
+        pid = os.getppid()
+        for _ in range(2):
+            if os.path.basename(os.readlink(f"/proc/{pid}/exe")).startswith("qemu-system-"):
+                fds = f"/proc/{pid}/fd"
+                return any(os.readlink(f"{fds}/{n}") == pipe for n in os.listdir(fds))
+            with open(f"/proc/{pid}/stat", "rb") as f:  # the parent: after "(comm) S"
+                pid = int(f.read().rpartition(b")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+class _PageLender:
+    """Writes to a pipe by lending it our pages (vmsplice(2)) instead of copying them,
+    all but the last pipe-full of each write, which is copied: once that copy is in,
+    the pipe (FIFO, one page per slot) has released every page lent before it, so the
+    caller may reuse its buffer when write() returns, as with a plain write."""
+
+    def __init__(self) -> None:
+        import ctypes
+
+        self._ctypes = ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._vmsplice = libc.vmsplice
+        self._vmsplice.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+        self._vmsplice.restype = ctypes.c_ssize_t
+        self._iov = (ctypes.c_size_t * 2)()
+
+    def write(self, fd: int, data: memoryview) -> None:
+        ctypes = self._ctypes
+        lent = len(data) - fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+        if lent > 0 and not data.readonly:
+            anchor = ctypes.c_char.from_buffer(data)
+            try:
+                base, pos = ctypes.addressof(anchor), 0
+                while pos < lent:
+                    self._iov[0], self._iov[1] = base + pos, lent - pos
+                    n = self._vmsplice(fd, self._iov, 1, 0)
+                    if n < 0:
+                        err = ctypes.get_errno()
+                        if err == errno.EAGAIN:
+                            select.select([], [fd], [])
+                            continue
+                        if err == errno.EINTR:
+                            continue
+                        raise OSError(err, os.strerror(err))
+                    pos += n
+            finally:
+                del anchor
+            data = data[lent:]
+        write_all(fd, data)
 
 
 def write_all(fd: int, data: memoryview) -> None:
