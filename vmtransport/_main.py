@@ -9,6 +9,7 @@ take 0.1 s or more here — time the migration would otherwise spend waiting (se
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 TYPE_CHECKING = False  # not typing's: importing typing costs milliseconds here
@@ -94,11 +95,21 @@ def _early_restore(argv: list[str]) -> EarlySource | None:
     return EarlySource(cls, source, out, EarlyWriter(reader, StreamReader(out, uri)))
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    from ._errors import Interrupted
+
+    raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
+
+
 def main() -> int:
     # The reader thread needs the GIL back after every read of the pipe, while this
     # thread imports and parses; the default 5 ms switch interval would let QEMU's pipe
     # fill between two reads.
     sys.setswitchinterval(0.0002)
+    # The early writers below write before the CLI is loaded: a signal must already
+    # abort them cleanly (exit 1, nothing kept) rather than kill the process outright.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _interrupted)
     from . import _log
 
     _log.cli_stderr = True  # before the early opens: they may warn (O_DIRECT fallback)
@@ -113,6 +124,16 @@ def main() -> int:
             early_save = _early_save(argv, early_reader)
         else:
             early_restore = _early_restore(argv)
-    from ._cli import main as cli_main
+    try:
+        from ._cli import main as cli_main
+    except BaseException as exc:
+        for started in (early_save, early_restore):
+            if started is not None:
+                started.discard()
+        from ._errors import Interrupted
 
+        if isinstance(exc, Interrupted):
+            print(f"vmtransport: error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        raise
     return cli_main(early=early_reader, early_save=early_save, early_restore=early_restore)

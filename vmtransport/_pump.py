@@ -113,7 +113,7 @@ class EarlyWriter:
             raise self.error
         return self.total, self.eof
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 1.0) -> None:
         """Stop writing (a write in flight is waited for, up to ``timeout`` seconds)."""
         self._stopping = True
         self._wake()
