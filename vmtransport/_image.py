@@ -183,6 +183,9 @@ class StreamWriter(Sink):
         self._check(data)
         self._inner.write(data)
 
+    def enable_write_behind(self) -> int:
+        return self._inner.enable_write_behind()  # data passes on as it came
+
     def _close_parser(self) -> None:
         try:
             self.parser.close()

@@ -61,6 +61,24 @@ def _write_chunk(sink: Sink, taps: Sequence[Tap], buf: mmap.mmap, n: int) -> Non
     sink.write(view)
 
 
+class _Recycler:
+    """Returns written buffers to the reader, holding back the ``depth`` latest: a sink
+    with write-behind may still be reading them (see Sink.enable_write_behind)."""
+
+    def __init__(self, reader: BlockingReader, depth: int) -> None:
+        self._free = reader.free
+        self._depth = depth
+        self._held: list[mmap.mmap] = []
+
+    def written(self, buf: mmap.mmap) -> None:
+        if not self._depth:
+            self._free.put(buf)
+            return
+        self._held.append(buf)
+        if len(self._held) > self._depth:
+            self._free.put(self._held.pop(0))
+
+
 class EarlyWriter:
     """Writes a reader's buffers into a sink from a thread of its own, from before the
     CLI is ready until :meth:`handoff` — so that a helper's start-up (argument parsing,
@@ -78,13 +96,14 @@ class EarlyWriter:
         self.eof = False
         self.error: BaseException | None = None
         self._stopping = False
+        self.recycler = _Recycler(reader, sink.enable_write_behind())
         self._thread = threading.Thread(
             target=self._run, name="vmtransport-early-writer", daemon=True
         )
         self._thread.start()
 
     def _run(self) -> None:
-        full, free = self.reader.full, self.reader.free
+        full, recycler = self.reader.full, self.recycler
         try:
             while not self._stopping:
                 item = full.get()
@@ -96,7 +115,7 @@ class EarlyWriter:
                     return
                 _write_chunk(self.sink, (), buf, n)
                 self.total += n
-                free.put(buf)
+                recycler.written(buf)
         except BaseException as exc:
             self.error = exc
 
@@ -185,12 +204,15 @@ def pump_blocking(
     try:
         ended = False
         if early is not None:
+            recycler = early.recycler
             total, ended = early.handoff()
+        else:
+            recycler = _Recycler(reader, sink.enable_write_behind())
         while not ended and (item := reader.full.get()) is not None:
             buf, n = item
             _write_chunk(sink, taps, buf, n)
             total += n
-            reader.free.put(buf)
+            recycler.written(buf)
         if reader.error is not None:
             raise reader.error
         sink.commit()

@@ -32,6 +32,13 @@ class Sink(abc.ABC):
     def write(self, data: memoryview) -> None:
         """Write all of ``data``. Only the last write may have an unaligned length."""
 
+    def enable_write_behind(self) -> int:
+        """Let ``write`` return while its data is still being written; return how many
+        of the latest buffers it may still be reading when ``write`` returns (0: none,
+        the default). The caller then changes no buffer before that many further writes
+        returned, or commit or abort did. The pump calls this for buffers it owns."""
+        return 0
+
     @abc.abstractmethod
     def commit(self) -> None:
         """The stream is complete: make it durable and visible under its final name."""

@@ -39,6 +39,79 @@ def _warn_fallback(label: str, exc: OSError) -> None:
     )
 
 
+class _InFlight:
+    """Two O_DIRECT writes in flight, from two threads: a write is submitted before the
+    previous one is waited for, so the disk's queue never runs dry between requests
+    (one 8 MiB request at a time reached ~0.8 GB/s here, two ~1.2 GB/s)."""
+
+    def __init__(self, fd: int) -> None:
+        import _queue
+        import threading
+
+        self._fd = fd
+        self._jobs: list[_queue.SimpleQueue[tuple[memoryview, int] | None]] = []
+        self._done: list[_queue.SimpleQueue[OSError | None]] = []
+        self._busy = [False, False]
+        self._next = 0
+        for i in range(2):
+            self._jobs.append(_queue.SimpleQueue())
+            self._done.append(_queue.SimpleQueue())
+            threading.Thread(
+                target=self._run, args=(i,), name=f"vmtransport-odirect-{i}", daemon=True
+            ).start()
+
+    def _run(self, i: int) -> None:
+        jobs, done = self._jobs[i], self._done[i]
+        while (job := jobs.get()) is not None:
+            data, pos = job
+            del job
+            err: OSError | None = None
+            try:
+                while data:
+                    n = os.pwrite(self._fd, data, pos)
+                    data, pos = data[n:], pos + n
+            except OSError as exc:
+                err = exc
+            del data  # before saying done: the pump's buffer is the caller's again
+            done.put(err)
+
+    def _wait(self, i: int, timeout: float | None = None) -> None:
+        if self._busy[i]:
+            err = self._done[i].get(timeout=timeout)
+            self._busy[i] = False
+            if err is not None:
+                raise err
+
+    def submit(self, data: memoryview, pos: int) -> None:
+        """Start writing ``data`` at ``pos``; return once the write before it is done."""
+        i = self._next
+        self._wait(i)  # (already waited for: the one before the previous)
+        self._jobs[i].put((data, pos))
+        self._busy[i] = True
+        self._next = 1 - i
+        self._wait(1 - i)
+
+    def drain(self) -> None:
+        """Wait for every write; raise the first error."""
+        first: OSError | None = None
+        for i in (1 - self._next, self._next):  # oldest first
+            try:
+                self._wait(i)
+            except OSError as exc:
+                first = first or exc
+        if first is not None:
+            raise first
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Wait (a while) for writes in flight, ignore their errors, stop the threads."""
+        for i in (0, 1):
+            try:
+                self._wait(i, timeout)
+            except Exception:  # OSError, or _queue.Empty: a write hangs; leave it
+                pass
+            self._jobs[i].put(None)
+
+
 @final
 class DirectSink(SeekableSink):
     def __init__(self, target: AtomicTarget, direct: bool) -> None:
@@ -50,6 +123,7 @@ class DirectSink(SeekableSink):
         self._carry = 0  # bytes in _pad
         self._stage: mmap.mmap | None = None  # for buffers that are not page aligned
         self._synced = 0  # buffered fallback: bytes written back and dropped
+        self._flight: _InFlight | None = None  # write-behind (enable_write_behind)
         if not direct:
             import ctypes
             import ctypes.util
@@ -60,10 +134,29 @@ class DirectSink(SeekableSink):
             ]
             self._sync_range = libc.sync_file_range
 
+    def enable_write_behind(self) -> int:
+        if not self._direct:
+            return 0
+        if self._flight is None:
+            self._flight = _InFlight(self._t.fd)
+        return 1
+
+    def _settle(self) -> None:
+        """Before a synchronous write: the writes in flight are done, and the file
+        position (pwrite leaves it alone) is where they ended."""
+        if self._flight is not None:
+            self._flight.drain()
+            os.lseek(self._t.fd, self._t.offset + self._written - self._carry, os.SEEK_SET)
+
     def _write_direct(self, data: memoryview) -> None:
         # The pump hands page-aligned buffers of whole blocks: they go straight to the
-        # disk. Anything else (a copy from a libvirt image, whose stream starts at an odd
+        # disk, two in flight once write-behind is on (the pump's own buffers only).
+        # Anything else (a copy from a libvirt image, whose stream starts at an odd
         # offset) is carried or staged through aligned memory.
+        if self._flight is not None and not self._carry and not len(data) % DIRECT_ALIGN:
+            self._flight.submit(data, self._t.offset + self._written)
+            return
+        self._settle()
         fd = self._t.fd
         if self._carry:
             take = min(DIRECT_ALIGN - self._carry, len(data))
@@ -136,9 +229,13 @@ class DirectSink(SeekableSink):
     def commit(self) -> None:
         if self._direct:
             try:
+                self._settle()
+                if self._flight is not None:
+                    self._flight.close()
+                    self._flight = None
                 self._flush_tail()
             except OSError as exc:
-                self._t.abort()
+                self.abort()
                 raise io_error(f"writing {self._t.label}", exc) from exc
         else:
             try:
@@ -150,6 +247,9 @@ class DirectSink(SeekableSink):
         self._t.commit(self._written)
 
     def abort(self) -> None:
+        if self._flight is not None:
+            self._flight.close()
+            self._flight = None
         self._t.abort()
 
 
