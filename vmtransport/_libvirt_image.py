@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import struct
 import sys
-import xml.etree.ElementTree as ET
 from typing import Final, Literal, NamedTuple, final
 
 from ._errors import StreamError
@@ -121,6 +120,10 @@ def _text(raw: bytes, what: str) -> str:
 
 
 def _domain_name(xml: str) -> str | None:
+    # Imported here: every restore checks for libvirt's magic, and ElementTree (with
+    # pyexpat) would otherwise hold up the first byte QEMU gets by tens of ms.
+    import xml.etree.ElementTree as ET
+
     try:
         root = ET.fromstring(xml)
     except ET.ParseError:

@@ -60,14 +60,21 @@ def _early_save(argv: list[str], reader: BlockingReader) -> EarlySave | None:
     cls = _builtin_file_transport(uri) if uri is not None else None
     if uri is None or cls is None:
         return None
+    from ._errors import Interrupted
     from ._image import save_sink
     from ._pump import EarlySave, EarlyWriter
 
     try:
         sink = save_sink(cls(cls.parse(uri)), None)
+    except Interrupted:
+        raise
     except Exception:  # the CLI says what is wrong, in its own order
         return None
-    return EarlySave(cls, uri, EarlyWriter(reader, sink))
+    try:
+        return EarlySave(cls, uri, EarlyWriter(reader, sink))
+    except BaseException:  # a signal: nothing written is kept
+        sink.abort()
+        raise
 
 
 def _early_restore(argv: list[str]) -> EarlySource | None:
@@ -82,16 +89,27 @@ def _early_restore(argv: list[str]) -> EarlySource | None:
     if cls is None:
         return None
     from ._early import BlockingReader
+    from ._errors import Interrupted
+
+    try:
+        source = cls(cls.parse(uri)).open_threaded_source()
+    except Interrupted:
+        raise
+    except Exception:
+        return None
+    reader = BlockingReader(source.read_blocking, label=uri)
+    # What the writer thread needs, imported now: imports it made itself would share
+    # the GIL with the CLI's (pluggy...) and hold up QEMU's first byte by ~0.1 s.
+    import json  # noqa: F401  (an image header's metadata)
+
+    import xxhash  # noqa: F401
+
+    from . import _libvirt_image  # noqa: F401
     from ._image import StreamReader
     from ._io import FdSink
     from ._pump import EarlySource, EarlyWriter
 
-    try:
-        source = cls(cls.parse(uri)).open_threaded_source()
-    except Exception:
-        return None
     out = FdSink(1, "stdout", close=False)
-    reader = BlockingReader(source.read_blocking, label=uri)
     return EarlySource(cls, source, out, EarlyWriter(reader, StreamReader(out, uri)))
 
 
@@ -115,21 +133,25 @@ def main() -> int:
     _log.cli_stderr = True  # before the early opens: they may warn (O_DIRECT fallback)
     argv = sys.argv[1:]
     helpish = {"-h", "--help", "--version"} & set(argv)
-    early_reader = early_save = early_restore = None
-    if not helpish:
-        if _is_save(argv) and not os.isatty(0):
-            from ._early import BlockingReader, fd_reader
-
-            early_reader = BlockingReader(fd_reader(0), label="stdin", magic=b"QEVM")
-            early_save = _early_save(argv, early_reader)
-        else:
-            early_restore = _early_restore(argv)
+    early_reader: BlockingReader | None = None
+    early_save: EarlySave | None = None
+    early_restore: EarlySource | None = None
     try:
+        if not helpish:
+            if _is_save(argv) and not os.isatty(0):
+                from ._early import BlockingReader, fd_reader
+
+                early_reader = BlockingReader(fd_reader(0), label="stdin", magic=b"QEVM")
+                early_save = _early_save(argv, early_reader)
+            else:
+                early_restore = _early_restore(argv)
         from ._cli import main as cli_main
-    except BaseException as exc:
+    except BaseException as exc:  # a signal, most likely: undo the head start
         for started in (early_save, early_restore):
             if started is not None:
                 started.discard()
+        if early_reader is not None:
+            early_reader.discard()
         from ._errors import Interrupted
 
         if isinstance(exc, Interrupted):

@@ -21,8 +21,8 @@ tap that raises stops the pump and aborts both ends.
 
 from __future__ import annotations
 
+import _thread
 import mmap
-import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import NamedTuple, TypeVar
@@ -97,12 +97,23 @@ class EarlyWriter:
         self.error: BaseException | None = None
         self._stopping = False
         self.recycler = _Recycler(reader, sink.enable_write_behind())
-        self._thread = threading.Thread(
-            target=self._run, name="vmtransport-early-writer", daemon=True
-        )
-        self._thread.start()
+        self._running = _thread.allocate_lock()  # held while the thread runs
+        self._running.acquire()
+        # _thread, not threading: Thread.start() waits for the thread to come up, and a
+        # signal's exception landing in that wait leaves a half-started thread behind.
+        _thread.start_new_thread(self._run, ())
+
+    def _join(self, timeout: float = -1) -> None:
+        if self._running.acquire(timeout=timeout):  # interruptible: signals arrive here
+            self._running.release()
 
     def _run(self) -> None:
+        try:
+            self._write()
+        finally:
+            self._running.release()
+
+    def _write(self) -> None:
         full, recycler = self.reader.full, self.recycler
         try:
             while not self._stopping:
@@ -127,7 +138,7 @@ class EarlyWriter:
         """Let the caller's thread take over; return the bytes written so far and whether
         the stream has ended. Raises what the writer ran into."""
         self._wake()
-        self._thread.join()  # interruptible: a signal's exception arrives here
+        self._join()
         if self.error is not None:
             raise self.error
         return self.total, self.eof
@@ -136,7 +147,7 @@ class EarlyWriter:
         """Stop writing (a write in flight is waited for, up to ``timeout`` seconds)."""
         self._stopping = True
         self._wake()
-        self._thread.join(timeout)
+        self._join(timeout)
 
 
 class EarlySource(NamedTuple):

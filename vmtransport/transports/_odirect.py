@@ -9,6 +9,7 @@ and drops its pages as it goes, with one warning, unless ``fallback=error``.
 
 from __future__ import annotations
 
+import _queue
 import errno
 import fcntl
 import mmap
@@ -45,23 +46,36 @@ class _InFlight:
     (one 8 MiB request at a time reached ~0.8 GB/s here, two ~1.2 GB/s)."""
 
     def __init__(self, fd: int) -> None:
-        import _queue
-        import threading
+        import _thread
 
         self._fd = fd
         self._jobs: list[_queue.SimpleQueue[tuple[memoryview, int] | None]] = []
         self._done: list[_queue.SimpleQueue[OSError | None]] = []
         self._busy = [False, False]
         self._next = 0
-        for i in range(2):
+        self._running: list[_thread.LockType] = []  # each held while its thread runs
+        for _ in range(2):
             self._jobs.append(_queue.SimpleQueue())
             self._done.append(_queue.SimpleQueue())
-            threading.Thread(
-                target=self._run, args=(i,), name=f"vmtransport-odirect-{i}", daemon=True
-            ).start()
+            running = _thread.allocate_lock()
+            running.acquire()
+            self._running.append(running)
+        # _thread, not threading: Thread.start() waits for the thread to come up, and a
+        # signal's exception landing in that wait leaves a half-started thread behind.
+        for i in range(2):
+            _thread.start_new_thread(self._run, (i,))
 
     def _run(self, i: int) -> None:
-        jobs, done = self._jobs[i], self._done[i]
+        try:
+            self._serve(self._jobs[i], self._done[i])
+        finally:
+            self._running[i].release()
+
+    def _serve(
+        self,
+        jobs: _queue.SimpleQueue[tuple[memoryview, int] | None],
+        done: _queue.SimpleQueue[OSError | None],
+    ) -> None:
         while (job := jobs.get()) is not None:
             data, pos = job
             del job
@@ -103,13 +117,17 @@ class _InFlight:
             raise first
 
     def close(self, timeout: float = 10.0) -> None:
-        """Wait (a while) for writes in flight, ignore their errors, stop the threads."""
+        """Wait (a while) for writes in flight, ignore their errors, stop the threads
+        (none is left running into the interpreter's exit)."""
         for i in (0, 1):
             try:
                 self._wait(i, timeout)
             except Exception:  # OSError, or _queue.Empty: a write hangs; leave it
                 pass
             self._jobs[i].put(None)
+        for running in self._running:
+            if running.acquire(timeout=timeout):
+                running.release()
 
 
 @final
