@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from collections.abc import Sequence
 
 from . import _log
 from ._copy import copy, restore_fd, save_fd
 from ._early import BlockingReader
-from ._errors import Interrupted, UsageError, VMTransportError
+from ._errors import UsageError, VMTransportError, interrupt_on_signals
 from ._pump import EarlySave, EarlySource, run_trio
 from ._registry import get_registry
 from ._version import __version__
@@ -53,10 +52,6 @@ def _plugins() -> None:
     w = [max(len(r[k]) for r in rows) for k in range(3)]
     for r in rows:
         print(f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]}".rstrip())
-
-
-def _raise_interrupted(signum: int, frame: object) -> None:
-    raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
 
 
 def _as_uri(arg: str) -> str:
@@ -110,8 +105,7 @@ def main(
             return 0
         # Save and restore run without an event loop where they can (see _pump): signals
         # raise in this thread; under trio, run_trio turns them into cancellation.
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, _raise_interrupted)
+        interrupt_on_signals()
         # The reader must get the GIL back within a fraction of a pipe's worth of stream
         # while the writer thread parses and hashes: 0.2 ms, not the default 5 ms.
         sys.setswitchinterval(0.0002)

@@ -74,9 +74,10 @@ def save_fd(
             )
     except BaseException:
         if early is not None:
-            early.discard()
-        reader.discard()
-        sink.abort()
+            early.discard()  # its reader and sink
+        else:
+            reader.discard()
+            sink.abort()
         raise
     return pump_blocking(reader, sink, early=early.writer if early is not None else None)
 

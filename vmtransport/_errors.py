@@ -49,3 +49,18 @@ class StreamError(VMTransportError):
 
 class Interrupted(VMTransportError):
     """A signal (SIGTERM, SIGINT, SIGHUP) stopped the work; half-written output is gone."""
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    import signal
+
+    raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
+
+
+def interrupt_on_signals() -> None:
+    """Make SIGTERM, SIGINT and SIGHUP raise :class:`Interrupted` in the main thread, so
+    that the code they land in aborts its sinks (no half-written output is kept)."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupted)

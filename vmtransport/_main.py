@@ -9,8 +9,9 @@ take 0.1 s or more here — time the migration would otherwise spend waiting (se
 from __future__ import annotations
 
 import os
-import signal
 import sys
+
+from ._errors import Interrupted, interrupt_on_signals  # no imports of its own
 
 TYPE_CHECKING = False  # not typing's: importing typing costs milliseconds here
 if TYPE_CHECKING:
@@ -60,7 +61,6 @@ def _early_save(argv: list[str], reader: BlockingReader) -> EarlySave | None:
     cls = _builtin_file_transport(uri) if uri is not None else None
     if uri is None or cls is None:
         return None
-    from ._errors import Interrupted
     from ._image import save_sink
     from ._pump import EarlySave, EarlyWriter
 
@@ -89,8 +89,6 @@ def _early_restore(argv: list[str]) -> EarlySource | None:
     if cls is None:
         return None
     from ._early import BlockingReader
-    from ._errors import Interrupted
-
     try:
         source = cls(cls.parse(uri)).open_threaded_source()
     except Interrupted:
@@ -113,12 +111,6 @@ def _early_restore(argv: list[str]) -> EarlySource | None:
     return EarlySource(cls, source, out, EarlyWriter(reader, StreamReader(out, uri)))
 
 
-def _interrupted(signum: int, frame: object) -> None:
-    from ._errors import Interrupted
-
-    raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
-
-
 def main() -> int:
     # The reader thread needs the GIL back after every read of the pipe, while this
     # thread imports and parses; the default 5 ms switch interval would let QEMU's pipe
@@ -126,8 +118,7 @@ def main() -> int:
     sys.setswitchinterval(0.0002)
     # The early writers below write before the CLI is loaded: a signal must already
     # abort them cleanly (exit 1, nothing kept) rather than kill the process outright.
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, _interrupted)
+    interrupt_on_signals()
     from . import _log
 
     _log.cli_stderr = True  # before the early opens: they may warn (O_DIRECT fallback)
@@ -150,10 +141,8 @@ def main() -> int:
         for started in (early_save, early_restore):
             if started is not None:
                 started.discard()
-        if early_reader is not None:
-            early_reader.discard()
-        from ._errors import Interrupted
-
+        if early_reader is not None and early_save is None:
+            early_reader.discard()  # (an early save discards its own)
         if isinstance(exc, Interrupted):
             print(f"vmtransport: error: {exc}", file=sys.stderr)
             return exc.exit_code
