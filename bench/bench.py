@@ -236,15 +236,20 @@ def median(xs: list[float | None]) -> float | None:
 def table(title: str, mem: int, runs: dict[str, list[Run]], limit: str) -> str:
     lim = median([r.seconds for r in runs[limit]])
     out = [f"### {title}", "",
-           "| contender | median s | GiB/s | limit / this | helper CPU s | image cached | runs |",
-           "|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+           "| contender | median s | GiB/s | limit / this | paired | helper CPU s "
+           "| image cached | runs |",
+           "|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for name, rs in runs.items():
         sec = median([r.seconds for r in rs])
         assert sec is not None and lim is not None
+        # Paired: the median over rounds of the limit's time / this one's in the same
+        # round (they run back to back), which a machine's slow spells affect less.
+        paired = median([a.seconds / b.seconds for a, b in zip(runs[limit], rs, strict=True)])
+        assert paired is not None
         cpu = median([r.cpu for r in rs])
         cached = median([r.cached for r in rs])
         out.append(
-            f"| {name} | {sec:.2f} | {mem / 1024 / sec:.2f} | {lim / sec:.2f} | "
+            f"| {name} | {sec:.2f} | {mem / 1024 / sec:.2f} | {lim / sec:.2f} | {paired:.2f} | "
             f"{'n/a' if cpu is None else f'{cpu:.2f}'} | "
             f"{'-' if cached is None else f'{cached:.1%}'} | "
             f"{' '.join(f'{r.seconds:.2f}' for r in rs)} |"

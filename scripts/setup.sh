@@ -327,11 +327,17 @@ ensure_python() {
         log "creating $venv"
         python3 -m venv "$venv"
     fi
-    want="$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1) compat ${PYTHON_EXTRA_PACKAGES[*]}"
+    want="$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1) compat pip25 ${PYTHON_EXTRA_PACKAGES[*]}"
     if [[ -f $stamp ]] && [[ "$(cat "$stamp")" == "$want" ]] &&
         "$venv/bin/python" -c 'import vmtransport' 2>/dev/null &&
         [[ -x $venv/bin/vmtransport ]]; then
         return 0
+    fi
+    # pip >= 25 writes console scripts that do not import re (~15 ms of the save
+    # helper's start-up, before its reader runs and while QEMU's pipe fills).
+    if ! "$venv/bin/python" -c 'import sys, pip; sys.exit(int(pip.__version__.split(".")[0]) < 25)'; then
+        log "upgrading pip in $venv"
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check 'pip>=25' >&2
     fi
     log "pip install -e '.[test,lint]' ${PYTHON_EXTRA_PACKAGES[*]}"
     # editable_mode=compat: a plain path entry instead of setuptools' import-hook finder,

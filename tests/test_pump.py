@@ -25,7 +25,15 @@ from test_transports import big_stream
 
 import vmtransport
 from vmtransport import Sink, TransportError
-from vmtransport._early import BUFFER_SIZE, BUFFERS, PAGE, PIPE_SIZE, fd_reader, grow_pipe
+from vmtransport._early import (
+    BUFFER_SIZE,
+    BUFFERS,
+    PAGE,
+    PIPE_SIZE,
+    BlockingReader,
+    fd_reader,
+    grow_pipe,
+)
 from vmtransport._io import FdSink, FdSource
 from vmtransport._pump import Tap, pump_blocking
 
@@ -444,3 +452,121 @@ def test_save_2gib_in_bounded_memory() -> None:
     assert f"saved to {uri}: {total} bytes" in err.decode()
     assert max_rss < 100 * MIB, f"max RSS {max_rss / MIB:.0f} MiB"
     assert max_rss > BUFFERS * BUFFER_SIZE // 2  # sanity: the pool was in there
+
+
+# --- several reads in flight (file sources) ------------------------------------------------
+
+
+def _file_reader(
+    path: Path, *, buffer_size: int, buffers: int, depth: int
+) -> tuple[BlockingReader, int]:
+    fd = os.open(path, os.O_RDONLY)
+
+    def pread(buf: memoryview, pos: int) -> int:
+        return os.preadv(fd, [buf], pos)
+
+    size = path.stat().st_size
+    reader = BlockingReader(
+        lambda _: 0,
+        label=str(path),
+        at=(pread, 0, size),
+        buffer_size=buffer_size,
+        buffers=buffers,
+        depth=depth,
+    )
+    return reader, fd
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 5])
+@pytest.mark.parametrize("size", [0, 1, 64 * KIB, 64 * KIB + 1, 1 * MIB + 12345])
+def test_parallel_reads_arrive_in_order(tmp_path: Path, depth: int, size: int) -> None:
+    data = os.urandom(size)
+    path = tmp_path / "src"
+    path.write_bytes(data)
+    reader, fd = _file_reader(path, buffer_size=64 * KIB, buffers=4, depth=depth)
+    try:
+        sink = RecordingSink()
+        stats = pump_blocking(reader, sink)
+    finally:
+        os.close(fd)
+    assert stats.bytes == size
+    assert sink.hash.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert sink.committed
+    assert reader.head == data[: BlockingReader.HEAD]
+
+
+def test_parallel_read_error_reaches_the_pump_after_the_good_chunks(tmp_path: Path) -> None:
+    data = os.urandom(640 * KIB)
+    path = tmp_path / "src"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+
+    def pread(buf: memoryview, pos: int) -> int:
+        if pos >= 320 * KIB:
+            raise TransportError(f"reading {path}: injected failure at {pos}")
+        time.sleep(random.random() / 100)  # finish out of order
+        return os.preadv(fd, [buf], pos)
+
+    reader = BlockingReader(
+        lambda _: 0, label="src", at=(pread, 0, len(data)), buffer_size=64 * KIB, buffers=4, depth=3
+    )
+    sink = RecordingSink()
+    try:
+        with pytest.raises(TransportError, match="injected failure at 327680"):
+            pump_blocking(reader, sink)
+    finally:
+        os.close(fd)
+    assert sink.aborted and not sink.committed
+    assert sink.hash.hexdigest() == hashlib.sha256(data[: 320 * KIB]).hexdigest()
+
+
+def test_parallel_reads_stop_when_the_sink_fails(tmp_path: Path) -> None:
+    path = tmp_path / "src"
+    path.write_bytes(os.urandom(4 * MIB))
+    before = len(os.listdir("/proc/self/task"))
+    reader, fd = _file_reader(path, buffer_size=64 * KIB, buffers=4, depth=3)
+
+    class Failing(RecordingSink):
+        def write(self, data: memoryview) -> None:
+            raise TransportError("sink full")
+
+    def threads() -> int:  # _thread's threads are not in threading's count
+        return len(os.listdir("/proc/self/task"))
+
+    try:
+        with pytest.raises(TransportError, match="sink full"):
+            pump_blocking(reader, Failing())
+    finally:
+        os.close(fd)
+    # Every reader thread ends: none is left waiting for its turn or a buffer.
+    deadline = time.monotonic() + 5
+    while threads() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threads() == before
+
+
+def test_save_helper_reads_before_its_heavy_imports(tmp_path: Path) -> None:
+    """QEMU blocks once the 1 MiB pipe to the save helper is full: the console script
+    must start the reader (``vmtransport._early``) before importing re, typing, enum or
+    the CLI — each costs milliseconds of a blocked migration."""
+    stream = tmp_path / "head"
+    stream.write_bytes(b"QEVM" + bytes(4096))
+    with stream.open("rb") as stdin:
+        proc = subprocess.run(
+            [str(VMT), "save", f"odirect:{tmp_path / 'img'}"],
+            stdin=stdin,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"},
+        )
+    assert proc.returncode == 1  # an incomplete stream, refused
+    order = [
+        line.rsplit("|", 1)[1].strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    ]
+    assert "vmtransport._early" in order, proc.stderr[-2000:]
+    before = set(order[: order.index("vmtransport._early")])
+    assert not before & {"re", "typing", "enum", "signal", "vmtransport._cli", "argparse"}
+    assert not (tmp_path / "img").exists()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Final
 
-from ._early import BlockingReader, fd_reader
+from ._early import BlockingReader, fd_reader, source_reader
 from ._errors import StreamError, TransportError, UsageError
 from ._image import QEMU_MAGIC, ImageWriter, NullSink, StreamReader, save_sink
 from ._io import FdSink, is_pollable
@@ -126,7 +126,7 @@ def _reader_pump(
     source = transport.open_threaded_source()
     if source is not None:
         try:
-            return pump_blocking(source.read_blocking, reader), reader
+            return pump_blocking(source_reader(source, str(transport.uri)), reader), reader
         finally:
             source.close()
 

@@ -14,6 +14,8 @@ Every message names the input it is about and the reason, on one line.
 
 from __future__ import annotations
 
+TYPE_CHECKING = False  # not typing's (see _early)
+
 
 class VMTransportError(Exception):
     """Base class of every error vmtransport raises deliberately."""
@@ -60,7 +62,12 @@ def _raise_interrupted(signum: int, frame: object) -> None:
 def interrupt_on_signals() -> None:
     """Make SIGTERM, SIGINT and SIGHUP raise :class:`Interrupted` in the main thread, so
     that the code they land in aborts its sinks (no half-written output is kept)."""
-    import signal
+    # _signal, not signal: the save helper calls this before its reader starts, and
+    # signal's import pulls in enum (~10 ms while QEMU waits on a full pipe).
+    if TYPE_CHECKING:
+        import signal as _signal
+    else:
+        import _signal
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, _raise_interrupted)
+    for sig in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP):
+        _signal.signal(sig, _raise_interrupted)

@@ -88,14 +88,14 @@ def _early_restore(argv: list[str]) -> EarlySource | None:
     cls = _builtin_file_transport(uri)
     if cls is None:
         return None
-    from ._early import BlockingReader
+    from ._early import source_reader
     try:
         source = cls(cls.parse(uri)).open_threaded_source()
     except Interrupted:
         raise
     except Exception:
         return None
-    reader = BlockingReader(source.read_blocking, label=uri)
+    reader = source_reader(source, uri)
     # What the writer thread needs, imported now: imports it made itself would share
     # the GIL with the CLI's (pluggy...) and hold up QEMU's first byte by ~0.1 s.
     import json  # noqa: F401  (an image header's metadata)
@@ -134,6 +134,11 @@ def main() -> int:
 
                 early_reader = BlockingReader(fd_reader(0), label="stdin", magic=b"QEVM")
                 early_save = _early_save(argv, early_reader)
+                if early_save is not None:
+                    # The whole stream goes to the target before the CLI loads: its
+                    # imports (~0.1 s of CPU) would compete with the reader for the GIL
+                    # and with QEMU for a CPU. The CLI's checks still decide what is kept.
+                    early_save.writer.wait()
             else:
                 early_restore = _early_restore(argv)
         from ._cli import main as cli_main

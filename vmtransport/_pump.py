@@ -130,6 +130,10 @@ class EarlyWriter:
         except BaseException as exc:
             self.error = exc
 
+    def wait(self) -> None:
+        """Wait until the thread has written the whole stream, or failed."""
+        self._join()
+
     def _wake(self) -> None:
         # A marker behind the buffers already queued: they are written first, in order.
         self.reader.full.put((self.reader.pool[0], -1))

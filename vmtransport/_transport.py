@@ -14,7 +14,7 @@ O_DIRECT transports can use them as they are.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 from ._errors import URIError
@@ -99,6 +99,13 @@ class ThreadedSource(Source):
     @abc.abstractmethod
     def close(self) -> None:
         """Release the source. Never raises."""
+
+    def parallel_reads(self) -> tuple[Callable[[memoryview, int], int], int, int] | None:
+        """``(pread, start, end)`` when the bytes ``start:end`` may be read in any order,
+        several at once, with ``pread(buf, pos)`` (a file of known size: the pump then
+        keeps a few reads in flight); None to be read in order with
+        :meth:`read_blocking`."""
+        return None
 
     async def readinto(self, buf: memoryview) -> int:
         import trio

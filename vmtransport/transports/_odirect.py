@@ -14,7 +14,7 @@ import errno
 import fcntl
 import mmap
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import ClassVar, final
 
 from .. import _log
@@ -296,6 +296,15 @@ class DirectSource(ThreadedSource):
             raise io_error(f"reading {self._label}", exc) from exc
         self._pos += n
         return n
+
+    def read_at(self, buf: memoryview, pos: int) -> int:
+        try:
+            return os.preadv(self._fd, [buf], pos)
+        except OSError as exc:
+            raise io_error(f"reading {self._label}", exc) from exc
+
+    def parallel_reads(self) -> tuple[Callable[[memoryview, int], int], int, int]:
+        return self.read_at, self._pos, self._size
 
     def close(self) -> None:
         if self._fd >= 0:
