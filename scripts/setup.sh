@@ -320,6 +320,20 @@ ensure_qemu10() {
 
 # --------------------------------------------------------------------------------------
 # Python.
+# pip install into venv $1; its output (the build backend's deprecation notices among it)
+# is shown only when it fails.
+quiet_pip() {
+    local venv=$1 out
+    shift
+    out=$(mktemp)
+    if ! "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@" >"$out" 2>&1; then
+        cat "$out" >&2
+        rm -f "$out"
+        die "pip install $* failed"
+    fi
+    rm -f "$out"
+}
+
 ensure_python() {
     local venv=$REPO/.venv stamp want
     stamp=$venv/.vmtransport-setup-stamp
@@ -337,14 +351,13 @@ ensure_python() {
     # helper's start-up, before its reader runs and while QEMU's pipe fills).
     if ! "$venv/bin/python" -c 'import sys, pip; sys.exit(int(pip.__version__.split(".")[0]) < 25)'; then
         log "upgrading pip in $venv"
-        "$venv/bin/python" -m pip install -q --disable-pip-version-check 'pip>=25' >&2
+        quiet_pip "$venv" 'pip>=25'
     fi
     log "pip install -e '.[test,lint]' ${PYTHON_EXTRA_PACKAGES[*]}"
     # editable_mode=compat: a plain path entry instead of setuptools' import-hook finder,
     # which costs ~35 ms at every start of the save helper (QEMU waits on it).
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check \
-        --config-settings editable_mode=compat -e "$REPO[test,lint]" \
-        "${PYTHON_EXTRA_PACKAGES[@]}" >&2
+    quiet_pip "$venv" --config-settings editable_mode=compat -e "$REPO[test,lint]" \
+        "${PYTHON_EXTRA_PACKAGES[@]}"
     printf '%s\n' "$want" >"$stamp"
 }
 

@@ -138,6 +138,7 @@ class BlockingReader:
         self._head_known = _thread.allocate_lock()  # held until head is complete or final
         self._head_known.acquire()
         self._head_released = False
+        self._done = False  # stop(), or the end reached (parallel reads)
         if at is None:
             self._threads = 1
             _thread.start_new_thread(self._run, ())
@@ -146,7 +147,6 @@ class BlockingReader:
         # turns[i], and passes the turn on to the next: buffers arrive in file order.
         # claims[i] does the same for taking a free buffer.
         self._threads = max(1, depth)
-        self._done = False
         self._turns = [_thread.allocate_lock() for _ in range(self._threads)]
         self._claims = [_thread.allocate_lock() for _ in range(self._threads)]
         for lock in self._turns[1:] + self._claims[1:]:
@@ -265,8 +265,7 @@ class BlockingReader:
 
     def stop(self) -> None:
         """Stop at the next buffer boundary (a read in progress is left to finish)."""
-        if self._threads > 1:
-            self._done = True
+        self._done = True
         for _ in range(self._threads):
             self.free.put(None)
 
@@ -277,6 +276,32 @@ class BlockingReader:
         """Give up before the pump ran: stop reading and release the buffers."""
         self.stop()
         self.close()
+
+
+class Worker:
+    """A thread that can be joined with a timeout, started with ``_thread``: the helpers'
+    threads start while signals already raise Interrupted, and ``Thread.start()`` waits
+    for the thread to come up — a signal's exception landing in that wait leaves a
+    half-started thread behind."""
+
+    def __init__(self, fn: Callable[..., object], *args: object) -> None:
+        self._running = _thread.allocate_lock()  # held while the thread runs
+        self._running.acquire()
+        _thread.start_new_thread(self._run, (fn, args))
+
+    def _run(self, fn: Callable[..., object], args: tuple[object, ...]) -> None:
+        try:
+            fn(*args)
+        finally:
+            self._running.release()
+
+    def join(self, timeout: float = -1) -> bool:
+        """Wait for the thread to end (interruptible: signals arrive here); False on
+        timeout."""
+        if not self._running.acquire(timeout=timeout):
+            return False
+        self._running.release()
+        return True
 
 
 def source_reader(source: ThreadedSource, label: str) -> BlockingReader:

@@ -21,7 +21,6 @@ tap that raises stops the pump and aborts both ends.
 
 from __future__ import annotations
 
-import _thread
 import mmap
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -31,6 +30,7 @@ from ._early import (
     BUFFER_SIZE,
     BUFFERS,
     BlockingReader,
+    Worker,
     aligned_buffer,
     check_geometry,
     close_pool,
@@ -97,21 +97,7 @@ class EarlyWriter:
         self.error: BaseException | None = None
         self._stopping = False
         self.recycler = _Recycler(reader, sink.enable_write_behind())
-        self._running = _thread.allocate_lock()  # held while the thread runs
-        self._running.acquire()
-        # _thread, not threading: Thread.start() waits for the thread to come up, and a
-        # signal's exception landing in that wait leaves a half-started thread behind.
-        _thread.start_new_thread(self._run, ())
-
-    def _join(self, timeout: float = -1) -> None:
-        if self._running.acquire(timeout=timeout):  # interruptible: signals arrive here
-            self._running.release()
-
-    def _run(self) -> None:
-        try:
-            self._write()
-        finally:
-            self._running.release()
+        self._thread = Worker(self._write)
 
     def _write(self) -> None:
         full, recycler = self.reader.full, self.recycler
@@ -132,7 +118,7 @@ class EarlyWriter:
 
     def wait(self) -> None:
         """Wait until the thread has written the whole stream, or failed."""
-        self._join()
+        self._thread.join()
 
     def _wake(self) -> None:
         # A marker behind the buffers already queued: they are written first, in order.
@@ -142,7 +128,7 @@ class EarlyWriter:
         """Let the caller's thread take over; return the bytes written so far and whether
         the stream has ended. Raises what the writer ran into."""
         self._wake()
-        self._join()
+        self._thread.join()
         if self.error is not None:
             raise self.error
         return self.total, self.eof
@@ -151,7 +137,7 @@ class EarlyWriter:
         """Stop writing (a write in flight is waited for, up to ``timeout`` seconds)."""
         self._stopping = True
         self._wake()
-        self._join(timeout)
+        self._thread.join(timeout)
 
 
 class EarlySource(NamedTuple):

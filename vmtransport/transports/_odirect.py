@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import ClassVar, final
 
 from .. import _log
-from .._early import aligned_buffer
+from .._early import Worker, aligned_buffer
 from .._errors import TransportError
 from .._io import DIRECT_ALIGN, FileSource, drop_cache, io_error, write_all
 from .._transport import SeekableSink, Sink, Source, ThreadedSource, Transport
@@ -46,30 +46,15 @@ class _InFlight:
     (one 8 MiB request at a time reached ~0.8 GB/s here, two ~1.2 GB/s)."""
 
     def __init__(self, fd: int) -> None:
-        import _thread
-
         self._fd = fd
         self._jobs: list[_queue.SimpleQueue[tuple[memoryview, int] | None]] = []
         self._done: list[_queue.SimpleQueue[OSError | None]] = []
         self._busy = [False, False]
         self._next = 0
-        self._running: list[_thread.LockType] = []  # each held while its thread runs
         for _ in range(2):
             self._jobs.append(_queue.SimpleQueue())
             self._done.append(_queue.SimpleQueue())
-            running = _thread.allocate_lock()
-            running.acquire()
-            self._running.append(running)
-        # _thread, not threading: Thread.start() waits for the thread to come up, and a
-        # signal's exception landing in that wait leaves a half-started thread behind.
-        for i in range(2):
-            _thread.start_new_thread(self._run, (i,))
-
-    def _run(self, i: int) -> None:
-        try:
-            self._serve(self._jobs[i], self._done[i])
-        finally:
-            self._running[i].release()
+        self._workers = [Worker(self._serve, self._jobs[i], self._done[i]) for i in (0, 1)]
 
     def _serve(
         self,
@@ -125,9 +110,8 @@ class _InFlight:
             except Exception:  # OSError, or _queue.Empty: a write hangs; leave it
                 pass
             self._jobs[i].put(None)
-        for running in self._running:
-            if running.acquire(timeout=timeout):
-                running.release()
+        for worker in self._workers:
+            worker.join(timeout)
 
 
 @final
@@ -290,10 +274,7 @@ class DirectSource(ThreadedSource):
             return 0
         if self._pos % DIRECT_ALIGN:
             raise TransportError(f"reading {self._label}: unaligned O_DIRECT position")
-        try:
-            n = os.preadv(self._fd, [buf], self._pos)
-        except OSError as exc:
-            raise io_error(f"reading {self._label}", exc) from exc
+        n = self.read_at(buf, self._pos)
         self._pos += n
         return n
 
