@@ -107,7 +107,7 @@ class BlockingReader:
     ``at=(pread, start, end)`` instead reads the bytes ``start:end`` of a file with
     ``pread(buf, pos)``, ``depth`` buffers at once (``read`` is then unused): one O_DIRECT
     read at a time leaves the disk idle between requests, and at queue depth 1 a virtio
-    disk here reads no faster than QEMU loads (0.4-0.8 GB/s).
+    disk here read no faster than QEMU loads (0.4-0.9 GB/s).
     """
 
     HEAD: Final = 4  #: as many as QEMU's magic
