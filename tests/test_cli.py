@@ -196,3 +196,19 @@ def test_main_in_process(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert info.value.code == 0
     assert capsys.readouterr().out == f"vmtransport {vmtransport.__version__}\n"
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify", "plugins"])
+def test_a_report_to_a_reader_that_went_away(tmp_path: Path, command: str) -> None:
+    """``vmtransport inspect IMAGE | head`` with head gone: no traceback, and the status
+    a writer killed by SIGPIPE would have."""
+    image = tmp_path / "a"
+    assert vmt("save", f"file:{image}", input=qemu_stream(10)).returncode == 0
+    rfd, wfd = os.pipe()
+    os.close(rfd)
+    try:
+        r = vmt(*([command] if command == "plugins" else [command, str(image)]), stdout=wfd)
+    finally:
+        os.close(wfd)
+    assert r.returncode == 141
+    assert r.stderr == b""

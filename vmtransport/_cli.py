@@ -50,8 +50,10 @@ def _parser() -> argparse.ArgumentParser:
 def _plugins() -> None:
     rows = [(i.scheme + ":", i.plugin, i.origin, i.transport.summary) for i in get_registry()]
     w = [max(len(r[k]) for r in rows) for k in range(3)]
+    lines = []
     for r in rows:
-        print(f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]}".rstrip())
+        lines.append(f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]}".rstrip())
+    _print("\n".join(lines))
 
 
 def _as_uri(arg: str) -> str:
@@ -59,6 +61,19 @@ def _as_uri(arg: str) -> str:
     if ":" not in arg or os.path.exists(arg):
         return "file:" + arg.replace(",", ",,")
     return arg
+
+
+def _print(text: str) -> None:
+    """Print a report; a reader that went away (``inspect ... | head``) is not an error
+    worth a traceback: the rest is dropped, as the shell's own tools do."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it somewhere that accepts it.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        raise SystemExit(141) from None  # 128 + SIGPIPE, what a killed writer reports
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -94,14 +109,14 @@ def main(
             doc = describe(_as_uri(args.image))
             import json
 
-            print(json.dumps(doc, indent=2) if args.json else render(doc))
+            _print(json.dumps(doc, indent=2) if args.json else render(doc))
             return 0
         if args.command == "verify":
             from ._inspect import verify
 
             doc = verify(_as_uri(args.image))
-            print(f"{args.image}: OK: complete vmtransport image, xxh3-128 checksum matches "
-                  f"({doc['stream']['length']} stream bytes)")  # fmt: skip
+            _print(f"{args.image}: OK: complete vmtransport image, xxh3-128 checksum matches "
+                   f"({doc['stream']['length']} stream bytes)")  # fmt: skip
             return 0
         # Save and restore run without an event loop where they can (see _pump): signals
         # raise in this thread; under trio, run_trio turns them into cancellation.

@@ -17,7 +17,8 @@ TYPE_CHECKING = False  # not typing's: importing typing costs milliseconds here
 if TYPE_CHECKING:
     from ._early import BlockingReader
     from ._pump import EarlySave, EarlySource
-    from .transports import FileTransport, ODirectTransport
+    from .transports._file import FileTransport
+    from .transports._odirect import ODirectTransport
 
 
 def _is_save(argv: list[str]) -> bool:
@@ -27,10 +28,16 @@ def _is_save(argv: list[str]) -> bool:
 
 
 def _builtin_file_transport(uri: str) -> type[FileTransport] | type[ODirectTransport] | None:
-    from .transports import FileTransport, ODirectTransport
-
     scheme = uri.partition(":")[0]
-    return FileTransport if scheme == "file" else ODirectTransport if scheme == "odirect" else None
+    if scheme == "file":
+        from .transports._file import FileTransport
+
+        return FileTransport
+    if scheme == "odirect":
+        from .transports._odirect import ODirectTransport
+
+        return ODirectTransport
+    return None
 
 
 def _save_uri(argv: list[str]) -> str | None:

@@ -6,7 +6,10 @@ from collections.abc import Sequence
 
 from .._hookspecs import hookimpl
 from .._transport import Transport
-from . import ExecTransport, FdTransport, FileTransport, ODirectTransport
+from ._exec import ExecTransport
+from ._fd import FdTransport
+from ._file import FileTransport
+from ._odirect import ODirectTransport
 
 
 @hookimpl

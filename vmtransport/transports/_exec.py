@@ -97,6 +97,9 @@ class ExecSink(Sink):
         self._child = child
         self._out = FdSink(child.take(child.proc.stdin), child.label)
 
+    def enable_write_behind(self) -> int:
+        return self._out.enable_write_behind()
+
     def write(self, data: memoryview) -> None:
         try:
             self._out.write(data)
