@@ -699,3 +699,31 @@ def test_restore_with_write_behind_when_whole_buffers_are_held_back(tmp_path: Pa
         os.close(fd)
     assert reader.checksum_ok
     assert sink.out == stream
+
+
+def test_write_behind_abort_with_a_stalled_consumer(pipe: Pipe) -> None:
+    """abort() does not wait for a write the consumer never takes, and leaves that
+    descriptor open: closed, its number could be reused and written to by the thread."""
+    w = pipe.take_w()
+    sink = FdSink(w, "test pipe")
+    sink.enable_write_behind()
+    sink.write(memoryview(bytes(PIPE_SIZE)))  # fills the pipe
+    sink.write(memoryview(bytes(PIPE_SIZE)))  # in flight for good: nobody reads
+    start = time.monotonic()
+    sink.abort()
+    assert time.monotonic() - start < 5
+    os.fstat(w)  # still open
+    os.close(pipe.r)  # the stuck write ends (EPIPE), and the thread with it
+    pipe.r = -1
+    os.close(w)
+
+
+def test_write_behind_abort_closes_an_idle_descriptor(pipe: Pipe) -> None:
+    w = pipe.take_w()
+    sink = FdSink(w, "test pipe")
+    sink.enable_write_behind()
+    sink.write(memoryview(b"x" * 100))
+    sink.abort()
+    with pytest.raises(OSError):
+        os.fstat(w)
+    assert os.read(pipe.r, 200) == b"x" * 100

@@ -196,10 +196,10 @@ class WriteBehind:
         if first is not None:
             raise first
 
-    def close(self, timeout: float = 10.0) -> None:
+    def close(self, timeout: float = 10.0) -> bool:
         """Wait (up to ``timeout`` seconds in all) for writes in flight, ignore their
-        errors, and stop the threads. A write that hangs (a consumer that stopped
-        reading) is left to the process's exit."""
+        errors, and stop the threads; say whether they all ended. A write that hangs (a
+        consumer that stopped reading) is left to the process's exit."""
         end = time.monotonic() + timeout
         for slot in (0, 1):
             try:
@@ -208,8 +208,7 @@ class WriteBehind:
                 pass
         for jobs in self._jobs:
             jobs.put(None)
-        for worker in self._workers:
-            worker.join(max(0.0, end - time.monotonic()))
+        return all([w.join(max(0.0, end - time.monotonic())) for w in self._workers])
 
 
 class FdSink(Sink):
@@ -253,10 +252,13 @@ class FdSink(Sink):
         except OSError as exc:
             raise io_error(f"writing {self.label}", exc) from exc
 
-    def _stop_behind(self, timeout: float) -> None:
+    def _stop_behind(self, timeout: float) -> bool:
+        """Stop the write-behind thread; False if it is still stuck in a write."""
+        ended = True
         if self._behind is not None:
-            self._behind.close(timeout)
+            ended = self._behind.close(timeout)
             self._behind = None
+        return ended
 
     def _release(self) -> None:
         if self._close and self.fd >= 0:
@@ -282,9 +284,12 @@ class FdSink(Sink):
             raise io_error(f"closing {self.label}", exc) from exc
 
     def abort(self) -> None:
-        # No waiting: a consumer that stopped reading may never take the write in
-        # flight, and whatever it got, the stream is cut short.
-        self._stop_behind(0.0)
+        # Not long: a consumer that stopped reading may never take the write in flight,
+        # and whatever it got, the stream is cut short.
+        if not self._stop_behind(0.5):
+            # The thread would go on writing to whatever file next gets this number.
+            self.fd = -1  # left open, to the process's exit
+            return
         try:
             self._release()
         except OSError:
