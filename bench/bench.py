@@ -19,6 +19,10 @@ save:    the producer's limit (a 1 MiB-pipe discard sink), vmtransport odirect: 
 restore: the consumer's limit (the image on tmpfs, spliced into a 1 MiB pipe),
          vmtransport odirect: and file:, ``exec:cat FILE``, ``dd iflag=direct``,
          libvirt_iohelper with an O_DIRECT fd, and QEMU's native file: loads.
+both:    "disk alone" (no QEMU, always run, like the limits): the image's size written
+         or read with O_DIRECT in 8 MiB requests from huge-page-backed memory, several
+         in flight — what the disk itself does in that round. When it is slower than a
+         limit, no contender that goes through the disk can reach that limit.
 
 Printed per contender: median seconds (save: QEMU's total-time; restore: from
 migrate-incoming until the destination leaves ``inmigrate``), throughput, the ratio of
@@ -66,6 +70,8 @@ class Contender:
     params: dict[str, Any] = field(default_factory=dict)
     helper: bool = True  # runs a helper process whose CPU time we measure
     limit: bool = False
+    #: no QEMU: a command run on its own, timed from start to exit (image, MiB) -> argv
+    alone: Callable[[Path, int], list[str]] | None = None
 
 
 def timed(cmd: str, cpu: Path) -> str:
@@ -90,6 +96,9 @@ SAVES = [
     Contender("QEMU file: mapped-ram+multifd(2)+direct-io", lambda i, c: f"file:{i}",
               image="img-mapped", min_qemu=10, caps=MAPPED, params=MAPPED_PARAMS,
               helper=False),
+    Contender("disk alone: O_DIRECT write, no QEMU", lambda i, c: "", image="img-disk",
+              helper=False, alone=lambda i, mib: [*LIMITS.split(), "disk-write", str(i),
+                                                  str((mib << 20) + (4 << 20))]),
 ]  # fmt: skip
 
 RESTORES = [
@@ -111,7 +120,21 @@ RESTORES = [
     Contender("QEMU file: mapped-ram+multifd(2)+direct-io", lambda i, c: f"file:{i}",
               image="img-mapped", min_qemu=10, caps=MAPPED, params=MAPPED_PARAMS,
               helper=False),
+    Contender("disk alone: O_DIRECT read, no QEMU", lambda i, c: "", image="img-disk",
+              helper=False, alone=lambda i, mib: [*LIMITS.split(), "disk-read", str(i)]),
 ]  # fmt: skip
+
+
+def run_alone(work: Path, mem: int, c: Contender) -> Run:
+    """A reference without QEMU: what the disk does on its own in the same round."""
+    import subprocess
+
+    assert c.alone is not None
+    image = work / (c.image or "img-disk")
+    cold_images(work)
+    start = time.monotonic()
+    subprocess.run(c.alone(image, mem), check=True)
+    return Run(time.monotonic() - start, None, residency(image))
 
 
 @dataclass
@@ -177,6 +200,8 @@ def set_caps(vm: VM, c: Contender) -> None:
 
 
 def run_save(qemu: str, work: Path, src_ram: Path, mem: int, c: Contender) -> Run:
+    if c.alone is not None:
+        return run_alone(work, mem, c)
     image = work / (c.image or "none")
     cpu = work / "cpu"
     assert not image.exists(), "images are removed between rounds (see clear_images)"
@@ -200,6 +225,8 @@ def run_save(qemu: str, work: Path, src_ram: Path, mem: int, c: Contender) -> Ru
 
 def run_restore(qemu: str, work: Path, src_ram: Path, mem: int, c: Contender,
                 verify: bool) -> Run:
+    if c.alone is not None:
+        return run_alone(work, mem, c)
     image = work / (c.image or "img")
     cpu = work / "cpu"
     cpu.unlink(missing_ok=True)
@@ -288,7 +315,7 @@ def bench_version(version: str, qemu: str, args: argparse.Namespace) -> list[str
     if not src_ram.exists() or src_ram.stat().st_size != args.mem_mib << 20:
         make_ram_file(src_ram, args.mem_mib, random=True)
     def wanted(c: Contender) -> bool:
-        return major >= c.min_qemu and (c.limit or not args.only
+        return major >= c.min_qemu and (c.limit or c.alone is not None or not args.only
                                         or any(o in c.name for o in args.only.split(",")))
 
     restores = [c for c in RESTORES if wanted(c)] if not args.saves_only else []
