@@ -17,6 +17,7 @@ import json
 import mmap
 import os
 import random
+import shutil
 import signal
 import socket
 import stat
@@ -1374,3 +1375,59 @@ async def test_exec_async_copy(tmp_path: Path, small: bytes) -> None:
     with trio.fail_after(TIMEOUT), pytest.raises(TransportError, match="exited with status 7"):
         await vmtransport.copy(f"exec:cat {tmp_path}/s; exit 7", f"file:{tmp_path / 'bad'}")
     assert sorted(os.listdir(tmp_path)) == ["out", "s"]
+
+
+# --- page lending (vmsplice) only to QEMU's own exec: channel ------------------------------
+
+_FAKE_QEMU = """
+import os, subprocess, sys
+helper, keep = sys.argv[1], sys.argv[2]
+r, w = os.pipe()
+if keep == "write-end-only":  # someone else reads: QEMU only holds the write end
+    reader = subprocess.Popen(["cat"], stdin=r, stdout=subprocess.DEVNULL)
+    os.close(r)
+p = subprocess.run(["/bin/sh", "-c", helper], stdout=w, stderr=subprocess.PIPE)
+sys.stdout.write(p.stderr.decode())
+"""
+
+
+@pytest.mark.parametrize(
+    ("wrapper", "keep", "lends"),
+    [
+        ("", "read-end", True),  # exec:vmtransport restore ...
+        ("exec ", "read-end", True),
+        ("/usr/bin/time -o /dev/null ", "read-end", True),  # dash forks for these
+        ("nice /usr/bin/time -o /dev/null ", "read-end", True),
+        ("", "write-end-only", False),
+    ],
+)
+def test_pages_are_lent_only_to_the_qemu_that_reads_the_pipe(
+    tmp_path: Path, wrapper: str, keep: str, lends: bool
+) -> None:
+    """A restore lends its pages to the pipe (vmsplice) only when the QEMU that started
+    it, however many wrappers up, holds the pipe's read end: QEMU copies what it reads."""
+    fake = tmp_path / "qemu-system-x86_64"  # what the check recognises QEMU by
+    shutil.copy(os.path.realpath(sys.executable), fake)
+    probe = "import sys; from vmtransport._io import FdSink; s = FdSink(1, 'o', close=False); "
+    probe += "sys.stderr.write('lends' if s._splice is not None else 'copies')"
+    helper = f"{wrapper}{sys.executable} -c \"{probe}\""
+    script = tmp_path / "qemu.py"
+    script.write_text(_FAKE_QEMU)
+    out = subprocess.run(
+        [str(fake), str(script), helper, keep], capture_output=True, timeout=60, check=True
+    )
+    assert out.stdout.decode() == ("lends" if lends else "copies")
+
+
+def test_a_process_that_is_not_qemu_gets_copies() -> None:
+    probe = "import sys; from vmtransport._io import FdSink; s = FdSink(1, 'o', close=False); "
+    probe += "sys.stderr.write('lends' if s._splice is not None else 'copies')"
+    r, w = os.pipe()
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", probe], stdout=w, stderr=subprocess.PIPE, timeout=60
+        )
+    finally:
+        os.close(r)
+        os.close(w)
+    assert out.stderr.decode() == "copies"

@@ -296,23 +296,43 @@ class FdSink(Sink):
             pass
 
 
+#: how far up the process tree the QEMU of an ``exec:`` channel may be: ``sh -c``, then
+#: wrappers such as ``/usr/bin/time`` or ``nice`` (dash forks for those, it does not exec)
+_ANCESTORS: Final = 6
+
+
 def _read_by_qemu(fd: int) -> bool:
-    """True when pipe ``fd``'s other end is held by the QEMU that started this process
-    (directly, or through ``/bin/sh -c``): an ``-incoming exec:`` channel, which QEMU
-    reads with readv(2). A reader that copies is what makes lending pages safe; one that
-    splice(2)s them on (to a socket, another pipe) could hold them after we reuse them,
-    so any other consumer gets plain writes."""
+    """True when pipe ``fd``'s read end is held by the QEMU that started this process
+    (directly, or through ``/bin/sh -c`` and wrappers): an ``-incoming exec:`` channel,
+    which QEMU reads with readv(2). A reader that copies is what makes lending pages
+    safe; one that splice(2)s them on (to a socket, another pipe) could hold them after
+    we reuse them, so any other consumer gets plain writes."""
     try:
         pipe = os.readlink(f"/proc/self/fd/{fd}")
         if not pipe.startswith("pipe:"):
             return False
         pid = os.getppid()
-        for _ in range(2):
+        for _ in range(_ANCESTORS):
+            if pid <= 1:
+                return False
             if os.path.basename(os.readlink(f"/proc/{pid}/exe")).startswith("qemu-system-"):
-                fds = f"/proc/{pid}/fd"
-                return any(os.readlink(f"{fds}/{n}") == pipe for n in os.listdir(fds))
+                return any(_reads(pid, n, pipe) for n in os.listdir(f"/proc/{pid}/fd"))
             with open(f"/proc/{pid}/stat", "rb") as f:  # the parent: after "(comm) S"
                 pid = int(f.read().rpartition(b")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def _reads(pid: int, fd: str, pipe: str) -> bool:
+    """Whether ``pid``'s descriptor ``fd`` is the read end of ``pipe``."""
+    try:
+        if os.readlink(f"/proc/{pid}/fd/{fd}") != pipe:
+            return False
+        with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
+            for line in f:
+                if line.startswith(b"flags:"):
+                    return int(line.split()[1], 8) & os.O_ACCMODE == os.O_RDONLY
     except (OSError, ValueError, IndexError):
         pass
     return False

@@ -10,14 +10,11 @@ import collections
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, final
+from typing import final
 
 from .._errors import CommandError, TransportError
 from .._io import FdSink, FdSource
 from .._transport import Sink, Source, Transport
-
-if TYPE_CHECKING:
-    pass
 
 _TAIL_LINES = 5
 
@@ -100,21 +97,23 @@ class ExecSink(Sink):
     def enable_write_behind(self) -> int:
         return self._out.enable_write_behind()
 
+    def _gone(self) -> CommandError:
+        # A broken pipe means the command went away: its status says more.
+        self._out.abort()
+        return self._child.failure(self._child.wait(), " before taking the whole stream")
+
     def write(self, data: memoryview) -> None:
         try:
             self._out.write(data)
         except TransportError:
-            # A broken pipe means the command went away: its status says more.
-            self._out.abort()
-            raise self._child.failure(
-                self._child.wait(), " before taking the whole stream"
-            ) from None
+            raise self._gone() from None
 
     def commit(self) -> None:
         try:
-            self._out.commit()
-        finally:
-            self._child.finish()
+            self._out.commit()  # (with write-behind, the last write's error comes here)
+        except TransportError:
+            raise self._gone() from None
+        self._child.finish()
 
     def abort(self) -> None:
         self._out.abort()
