@@ -7,7 +7,6 @@ real pipes fed by producer threads; the memory test runs the real helper on 2 Gi
 from __future__ import annotations
 
 import array
-import errno
 import fcntl
 import hashlib
 import os
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from test_transports import big_stream, qemu_stream
+from test_transports import big_stream
 
 import vmtransport
 from vmtransport import Sink, TransportError
@@ -35,8 +34,7 @@ from vmtransport._early import (
     fd_reader,
     grow_pipe,
 )
-from vmtransport._image import StreamReader
-from vmtransport._io import FdSink, FdSource, WriteBehind
+from vmtransport._io import FdSink, FdSource
 from vmtransport._pump import Tap, pump_blocking
 
 VMT = Path(sys.executable).parent / "vmtransport"
@@ -572,158 +570,3 @@ def test_save_helper_reads_before_its_heavy_imports(tmp_path: Path) -> None:
     before = set(order[: order.index("vmtransport._early")])
     assert not before & {"re", "typing", "enum", "signal", "vmtransport._cli", "argparse"}
     assert not (tmp_path / "img").exists()
-
-
-# --- write-behind (a thread writes while the pump prepares the next buffer) ---------------
-
-
-def test_write_behind_keeps_order_and_returns_once_the_previous_write_is_done() -> None:
-    gate = threading.Event()
-    written: list[bytes] = []
-
-    def write(data: memoryview, pos: int) -> None:
-        if not gate.wait(TIMEOUT):
-            raise OSError(0, "gate never opened")
-        written.append(bytes(data))
-
-    behind = WriteBehind(write)
-    try:
-        behind.submit(memoryview(b"a"))  # nothing before it: returns at once
-        # The next submit waits for "a", which the gate holds.
-        second = threading.Thread(target=behind.submit, args=(memoryview(b"b"),))
-        second.start()
-        second.join(0.2)
-        assert second.is_alive() and written == []
-        gate.set()
-        second.join(TIMEOUT)
-        assert not second.is_alive()
-        for piece in (b"c", b"d", b""):
-            behind.submit(memoryview(piece))
-        behind.drain()
-        assert written == [b"a", b"b", b"c", b"d", b""]
-    finally:
-        gate.set()
-        behind.close()
-
-
-def test_write_behind_reports_a_failed_write_at_the_next_call() -> None:
-    def write(data: memoryview, pos: int) -> None:
-        if bytes(data) == b"bad":
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    behind = WriteBehind(write, threads=2)
-    try:
-        behind.submit(memoryview(b"bad"), 0)
-        with pytest.raises(OSError, match="No space left"):
-            behind.submit(memoryview(b"good"), 3)
-        behind.drain()  # the error was reported once; "good" went fine
-        behind.submit(memoryview(b"bad"), 7)
-        with pytest.raises(OSError, match="No space left"):
-            behind.drain()
-    finally:
-        behind.close()
-
-
-def test_write_behind_to_a_slow_pipe_delivers_every_byte(tmp_path: Path, pipe: Pipe) -> None:
-    """The pump reuses a buffer only once the pipe's writer thread is done with it: with
-    small buffers and a consumer that dawdles, any early reuse would corrupt the copy."""
-    data = os.urandom(3 * MIB + 123)
-    src = tmp_path / "src"
-    src.write_bytes(data)
-    received = bytearray()
-
-    def consume() -> None:
-        rng = random.Random(1)
-        while chunk := os.read(pipe.r, rng.randint(1, 256 * KIB)):
-            received.extend(chunk)
-            if rng.random() < 0.05:
-                time.sleep(0.005)
-
-    consumer = threading.Thread(target=consume)
-    consumer.start()
-    sink = FdSink(pipe.take_w(), "test pipe")
-    assert sink.enable_write_behind() == 1
-    fd = os.open(src, os.O_RDONLY)
-    try:
-        stats = pump_blocking(fd_reader(fd), sink, buffer_size=16 * KIB, buffers=2)
-    finally:
-        os.close(fd)
-        consumer.join(TIMEOUT)
-    assert stats.bytes == len(data)
-    assert received == data
-
-
-class LaggingSink(Sink):
-    """Write-behind by hand: a write is finished only at the sink's next call, where its
-    bytes must still be what they were when it was handed over."""
-
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self._held: tuple[memoryview, bytes] | None = None
-
-    def enable_write_behind(self) -> int:
-        return 1
-
-    def _finish(self) -> None:
-        if self._held is not None:
-            view, copy = self._held
-            assert bytes(view) == copy, "a buffer was reused while still being written"
-            self.out += copy
-            self._held = None
-
-    def write(self, data: memoryview) -> None:
-        self._finish()
-        self._held = (data, bytes(data))
-
-    def commit(self) -> None:
-        self._finish()
-
-    def abort(self) -> None:
-        self._held = None
-
-
-def test_restore_with_write_behind_when_whole_buffers_are_held_back(tmp_path: Path) -> None:
-    """An image's tail after QEMU's EOF (the VM description) is held back until the
-    checksum matches. When whole buffers of it pass, nothing goes on to the sink, yet the
-    buffer before them must not be reused while the sink may still be writing it."""
-    stream = qemu_stream(40, pad=6 * PAGE)  # a description of six buffers and more
-    image = tmp_path / "img"
-    r = subprocess.run([str(VMT), "save", f"file:{image}"], input=stream, capture_output=True)
-    assert r.returncode == 0, r.stderr
-    fd = os.open(image, os.O_RDONLY)
-    try:
-        sink = LaggingSink()
-        reader = StreamReader(sink, "img")
-        pump_blocking(fd_reader(fd), reader, buffer_size=PAGE, buffers=2)
-    finally:
-        os.close(fd)
-    assert reader.checksum_ok
-    assert sink.out == stream
-
-
-def test_write_behind_abort_with_a_stalled_consumer(pipe: Pipe) -> None:
-    """abort() does not wait for a write the consumer never takes, and leaves that
-    descriptor open: closed, its number could be reused and written to by the thread."""
-    w = pipe.take_w()
-    sink = FdSink(w, "test pipe")
-    sink.enable_write_behind()
-    sink.write(memoryview(bytes(PIPE_SIZE)))  # fills the pipe
-    sink.write(memoryview(bytes(PIPE_SIZE)))  # in flight for good: nobody reads
-    start = time.monotonic()
-    sink.abort()
-    assert time.monotonic() - start < 5
-    os.fstat(w)  # still open
-    os.close(pipe.r)  # the stuck write ends (EPIPE), and the thread with it
-    pipe.r = -1
-    os.close(w)
-
-
-def test_write_behind_abort_closes_an_idle_descriptor(pipe: Pipe) -> None:
-    w = pipe.take_w()
-    sink = FdSink(w, "test pipe")
-    sink.enable_write_behind()
-    sink.write(memoryview(b"x" * 100))
-    sink.abort()
-    with pytest.raises(OSError):
-        os.fstat(w)
-    assert os.read(pipe.r, 200) == b"x" * 100

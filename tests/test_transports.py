@@ -870,6 +870,47 @@ def test_odirect_write_behind_keeps_every_byte(tmp_path: Path, offset: int, fmt:
     assert r.stdout == stream
 
 
+def test_odirect_writes_in_flight_return_once_the_previous_is_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vmtransport.transports._odirect import _InFlight
+
+    gate = threading.Event()
+    real_pwrite = os.pwrite
+
+    def pwrite(fd: int, data: memoryview, pos: int) -> int:
+        if pos == 0 and not gate.wait(TIMEOUT):
+            raise OSError(errno.EIO, "gate never opened")
+        if pos == 3 * PAGE:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, pos)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    flight = _InFlight(fd)
+    try:
+        flight.submit(memoryview(b"a" * PAGE), 0)  # nothing before it: returns at once
+        second = threading.Thread(target=flight.submit, args=(memoryview(b"b" * PAGE), PAGE))
+        second.start()
+        second.join(0.2)
+        assert second.is_alive()  # waits for the first, which the gate holds
+        gate.set()
+        second.join(TIMEOUT)
+        assert not second.is_alive()
+        flight.submit(memoryview(b"c" * PAGE), 2 * PAGE)
+        flight.submit(memoryview(b"d" * PAGE), 3 * PAGE)  # fails in its thread...
+        with pytest.raises(OSError, match="No space left"):
+            flight.submit(memoryview(b"e" * PAGE), 4 * PAGE)  # ...reported here
+        flight.drain()
+    finally:
+        gate.set()
+        flight.close()
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == b"".join(
+        c * PAGE for c in (b"a", b"b", b"c", b"\0", b"e")
+    )
+
+
 @pytest.mark.parametrize("via", ["save", "copy"])
 @root_only
 def test_odirect_fallback_on_ramfs(

@@ -310,8 +310,8 @@ class _Decompressor:
         assert self.proc.stdout is not None
         try:
             while chunk := self.proc.stdout.read1(1 << 20):  # type: ignore[attr-defined]
-                # Not released after: with write-behind, the sink may still be writing it.
-                self._consume(memoryview(chunk))
+                with memoryview(chunk) as view:
+                    self._consume(view)
         except BaseException as exc:
             self.error = exc
             self.proc.kill()
@@ -386,24 +386,9 @@ class StreamReader(Sink):
         self._payload_seen = 0
         self._withheld = bytearray()
         self._decomp: _Decompressor | None = None
-        self._behind = 0
-        self._passed = False  # this write() handed data to inner
-
-    def enable_write_behind(self) -> int:
-        # inner may still be writing the latest buffer passed on when write() returns.
-        self._behind = self._inner.enable_write_behind()
-        return self._behind
 
     # -- detection
     def write(self, data: memoryview) -> None:
-        self._passed = False
-        self._write(data)
-        if self._behind and not self._passed and self._decomp is None:
-            # Nothing of this buffer went on (held back): inner must still be done with
-            # the one before, which the caller will reuse now.
-            self._inner.write(memoryview(b""))
-
-    def _write(self, data: memoryview) -> None:
         if self.format is not None:
             self._payload(data)
             return
@@ -515,7 +500,6 @@ class StreamReader(Sink):
                 self._parser_failed = True
                 self._problem(f"{self.label}: {exc}")
         self.stream_length += len(data)
-        self._passed = True
         self._inner.write(data)
 
     def _image_payload(self, data: memoryview) -> None:
@@ -571,8 +555,8 @@ class StreamReader(Sink):
                     f"{self.label}: checksum mismatch: the image is corrupt; QEMU was not "
                     "given the end of the stream"
                 )
-        # Not released after: with write-behind, inner may still be writing it.
-        self._stream(memoryview(bytes(self._withheld)))
+        with memoryview(bytes(self._withheld)) as view:
+            self._stream(view)
         self._withheld = bytearray()
 
     def abort(self) -> None:

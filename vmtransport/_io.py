@@ -10,17 +10,14 @@ importing it takes ~0.35 s here — time QEMU would spend blocked on a full pipe
 
 from __future__ import annotations
 
-import _queue
 import errno
 import fcntl
 import os
 import select
 import stat
-import time
-from collections.abc import Callable
 from typing import Final
 
-from ._early import Worker, grow_pipe
+from ._early import grow_pipe
 from ._errors import TransportError
 from ._transport import Sink, Source, ThreadedSource
 
@@ -132,92 +129,14 @@ class FdSource(Source):
             pass
 
 
-class WriteBehind:
-    """Writes from threads of their own, one buffer behind the caller.
-
-    :meth:`submit` hands a write to a thread and returns once the write *before* it is
-    done, so the next one is already queued while this one runs: a pipe's reader (QEMU
-    loading a stream) or a disk never waits for the caller's work between two writes
-    (parsing and hashing the next buffer, for a restore). ``write(data, pos)`` does one
-    write and raises OSError. With one thread the writes happen in order (a pipe); with
-    two, two are in flight at once (O_DIRECT to a disk, ``pos`` saying where).
-    """
-
-    def __init__(self, write: Callable[[memoryview, int], None], threads: int = 1) -> None:
-        self._write = write
-        Jobs = _queue.SimpleQueue[tuple[memoryview, int, int] | None]
-        self._jobs: list[Jobs] = [_queue.SimpleQueue() for _ in range(threads)]
-        # Two slots, used in turn: the write in flight and the one being submitted.
-        self._done: list[_queue.SimpleQueue[OSError | None]] = [_queue.SimpleQueue() for _ in "ab"]
-        self._busy = [False, False]
-        self._next = 0
-        self._workers = [Worker(self._serve, jobs) for jobs in self._jobs]
-
-    def _serve(self, jobs: _queue.SimpleQueue[tuple[memoryview, int, int] | None]) -> None:
-        while (job := jobs.get()) is not None:
-            data, pos, slot = job
-            del job
-            err: OSError | None = None
-            try:
-                self._write(data, pos)
-            except Exception as exc:
-                # Without its traceback, whose frames still hold views of the buffer:
-                # the caller's buffer must be free once "done" is said.
-                if not isinstance(exc, OSError):  # never leave the caller waiting
-                    exc = OSError(errno.EIO, f"{type(exc).__name__}: {exc}")
-                err = exc.with_traceback(None)
-            del data  # before saying done: the buffer is the caller's again
-            self._done[slot].put(err)
-
-    def _wait(self, slot: int, timeout: float | None = None) -> None:
-        if self._busy[slot]:
-            err = self._done[slot].get(timeout=timeout)
-            self._busy[slot] = False
-            if err is not None:
-                raise err
-
-    def submit(self, data: memoryview, pos: int = 0) -> None:
-        """Start writing ``data``; return once every earlier write is done (an empty
-        ``data`` just waits for them). Raises the error of an earlier write."""
-        slot = self._next  # free: the write before the previous was waited for
-        self._jobs[slot % len(self._jobs)].put((data, pos, slot))
-        self._busy[slot] = True
-        self._next = 1 - slot
-        self._wait(1 - slot)
-
-    def drain(self) -> None:
-        """Wait for every write; raise the first error."""
-        first: OSError | None = None
-        for slot in (self._next, 1 - self._next):  # oldest first
-            try:
-                self._wait(slot)
-            except OSError as exc:
-                first = first or exc
-        if first is not None:
-            raise first
-
-    def close(self, timeout: float = 10.0) -> bool:
-        """Wait (up to ``timeout`` seconds in all) for writes in flight, ignore their
-        errors, and stop the threads; say whether they all ended. A write that hangs (a
-        consumer that stopped reading) is left to the process's exit."""
-        end = time.monotonic() + timeout
-        for slot in (0, 1):
-            try:
-                self._wait(slot, max(0.0, end - time.monotonic()))
-            except Exception:  # OSError, or _queue.Empty: it hangs
-                pass
-        for jobs in self._jobs:
-            jobs.put(None)
-        return all([w.join(max(0.0, end - time.monotonic())) for w in self._workers])
-
-
 class FdSink(Sink):
     """Blocking writes to an fd (from the pump's writer thread).
 
     A descriptor that arrives non-blocking (O_NONBLOCK is shared with whoever else has
     the open file description) is waited on with poll instead of failing with EAGAIN.
     Regular files are fdatasync'ed on commit (EINVAL/EROFS mean "cannot sync": ignored).
-    Pipes and sockets offer write-behind (:class:`WriteBehind`).
+    Writes stay synchronous: a write-behind thread for pipes (QEMU's restore channel)
+    measured no faster here, and slower in 9 of 12 paired rounds (see performance.md).
     """
 
     def __init__(self, fd: int, label: str, *, close: bool = True) -> None:
@@ -229,36 +148,16 @@ class FdSink(Sink):
         self._splice: _PageLender | None = None
         if grow_pipe(fd) and _read_by_qemu(fd):
             self._splice = _PageLender()
-        self._behind: WriteBehind | None = None
-
-    def enable_write_behind(self) -> int:
-        if self._behind is None and is_pollable(self.fd) and not os.isatty(self.fd):
-            self._behind = WriteBehind(self._write_now)
-        return 1 if self._behind is not None else 0
-
-    def _write_now(self, data: memoryview, pos: int = 0) -> None:
-        if self._splice is not None:
-            self._splice.write(self.fd, data)
-        else:
-            write_all(self.fd, data)
 
     def write(self, data: memoryview) -> None:
         self.started = True
         try:
-            if self._behind is not None:
-                self._behind.submit(data)
+            if self._splice is not None:
+                self._splice.write(self.fd, data)
             else:
-                self._write_now(data)
+                write_all(self.fd, data)
         except OSError as exc:
             raise io_error(f"writing {self.label}", exc) from exc
-
-    def _stop_behind(self, timeout: float) -> bool:
-        """Stop the write-behind thread; False if it is still stuck in a write."""
-        ended = True
-        if self._behind is not None:
-            ended = self._behind.close(timeout)
-            self._behind = None
-        return ended
 
     def _release(self) -> None:
         if self._close and self.fd >= 0:
@@ -266,12 +165,6 @@ class FdSink(Sink):
         self.fd = -1
 
     def commit(self) -> None:
-        if self._behind is not None:
-            try:
-                self._behind.drain()  # (on failure, abort stops the thread)
-            except OSError as exc:
-                raise io_error(f"writing {self.label}", exc) from exc
-            self._stop_behind(10.0)  # nothing in flight: at once
         if self._regular:
             try:
                 os.fdatasync(self.fd)
@@ -284,12 +177,6 @@ class FdSink(Sink):
             raise io_error(f"closing {self.label}", exc) from exc
 
     def abort(self) -> None:
-        # Not long: a consumer that stopped reading may never take the write in flight,
-        # and whatever it got, the stream is cut short.
-        if not self._stop_behind(0.5):
-            # The thread would go on writing to whatever file next gets this number.
-            self.fd = -1  # left open, to the process's exit
-            return
         try:
             self._release()
         except OSError:

@@ -94,26 +94,21 @@ class ExecSink(Sink):
         self._child = child
         self._out = FdSink(child.take(child.proc.stdin), child.label)
 
-    def enable_write_behind(self) -> int:
-        return self._out.enable_write_behind()
-
-    def _gone(self) -> CommandError:
-        # A broken pipe means the command went away: its status says more.
-        self._out.abort()
-        return self._child.failure(self._child.wait(), " before taking the whole stream")
-
     def write(self, data: memoryview) -> None:
         try:
             self._out.write(data)
         except TransportError:
-            raise self._gone() from None
+            # A broken pipe means the command went away: its status says more.
+            self._out.abort()
+            raise self._child.failure(
+                self._child.wait(), " before taking the whole stream"
+            ) from None
 
     def commit(self) -> None:
         try:
-            self._out.commit()  # (with write-behind, the last write's error comes here)
-        except TransportError:
-            raise self._gone() from None
-        self._child.finish()
+            self._out.commit()
+        finally:
+            self._child.finish()
 
     def abort(self) -> None:
         self._out.abort()

@@ -9,17 +9,19 @@ and drops its pages as it goes, with one warning, unless ``fallback=error``.
 
 from __future__ import annotations
 
+import _queue
 import errno
 import fcntl
 import mmap
 import os
+import time
 from collections.abc import Callable, Mapping
 from typing import ClassVar, final
 
 from .. import _log
-from .._early import aligned_buffer
+from .._early import Worker, aligned_buffer
 from .._errors import TransportError
-from .._io import DIRECT_ALIGN, FileSource, WriteBehind, drop_cache, io_error, write_all
+from .._io import DIRECT_ALIGN, FileSource, drop_cache, io_error, write_all
 from .._transport import SeekableSink, Sink, Source, ThreadedSource, Transport
 from .._uri import URI
 from ._file import open_for_reading
@@ -39,6 +41,80 @@ def _warn_fallback(label: str, exc: OSError) -> None:
     )
 
 
+class _InFlight:
+    """Two O_DIRECT writes in flight, from two threads: :meth:`submit` hands a write to
+    a thread and returns once the write before it is done, so the next request is
+    queued while this one runs and the disk does not sit idle between requests."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._jobs: list[_queue.SimpleQueue[tuple[memoryview, int] | None]] = []
+        self._done: list[_queue.SimpleQueue[OSError | None]] = []
+        for _ in range(2):
+            self._jobs.append(_queue.SimpleQueue())
+            self._done.append(_queue.SimpleQueue())
+        self._busy = [False, False]
+        self._next = 0
+        self._workers = [Worker(self._serve, i) for i in (0, 1)]
+
+    def _serve(self, i: int) -> None:
+        jobs, done = self._jobs[i], self._done[i]
+        while (job := jobs.get()) is not None:
+            data, pos = job
+            del job
+            err: OSError | None = None
+            try:
+                while data:
+                    n = os.pwrite(self._fd, data, pos)
+                    data, pos = data[n:], pos + n
+            except Exception as exc:
+                if not isinstance(exc, OSError):  # never leave the caller waiting
+                    exc = OSError(errno.EIO, f"{type(exc).__name__}: {exc}")
+                err = exc.with_traceback(None)  # its frames would hold views of the buffer
+            del data  # before saying done: the pump's buffer is the caller's again
+            done.put(err)
+
+    def _wait(self, i: int, timeout: float | None = None) -> None:
+        if self._busy[i]:
+            err = self._done[i].get(timeout=timeout)
+            self._busy[i] = False
+            if err is not None:
+                raise err
+
+    def submit(self, data: memoryview, pos: int) -> None:
+        """Start writing ``data`` at ``pos``; return once the write before it is done
+        (raising that write's error)."""
+        i = self._next  # free: the write before the previous one was waited for
+        self._jobs[i].put((data, pos))
+        self._busy[i] = True
+        self._next = 1 - i
+        self._wait(1 - i)
+
+    def drain(self) -> None:
+        """Wait for every write; raise the first error."""
+        first: OSError | None = None
+        for i in (self._next, 1 - self._next):  # oldest first
+            try:
+                self._wait(i)
+            except OSError as exc:
+                first = first or exc
+        if first is not None:
+            raise first
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Wait (up to ``timeout`` seconds in all) for writes in flight, ignore their
+        errors, and stop the threads."""
+        end = time.monotonic() + timeout
+        for i in (0, 1):
+            try:
+                self._wait(i, max(0.0, end - time.monotonic()))
+            except Exception:  # OSError, or _queue.Empty: a write hangs; leave it
+                pass
+            self._jobs[i].put(None)
+        for worker in self._workers:
+            worker.join(max(0.0, end - time.monotonic()))
+
+
 @final
 class DirectSink(SeekableSink):
     def __init__(self, target: AtomicTarget, direct: bool) -> None:
@@ -50,7 +126,7 @@ class DirectSink(SeekableSink):
         self._carry = 0  # bytes in _pad
         self._stage: mmap.mmap | None = None  # for buffers that are not page aligned
         self._synced = 0  # buffered fallback: bytes written back and dropped
-        self._flight: WriteBehind | None = None  # (enable_write_behind)
+        self._flight: _InFlight | None = None  # write-behind (enable_write_behind)
         if not direct:
             import ctypes
             import ctypes.util
@@ -65,16 +141,8 @@ class DirectSink(SeekableSink):
         if not self._direct:
             return 0
         if self._flight is None:
-            # Two writes in flight: one 8 MiB request at a time left the disk idle
-            # between requests (~0.8 GB/s here), two reached ~1.2 GB/s.
-            self._flight = WriteBehind(self._pwrite, threads=2)
+            self._flight = _InFlight(self._t.fd)
         return 1
-
-    def _pwrite(self, data: memoryview, pos: int) -> None:
-        fd = self._t.fd
-        while data:
-            n = os.pwrite(fd, data, pos)
-            data, pos = data[n:], pos + n
 
     def _settle(self) -> None:
         """Before a synchronous write: the writes in flight are done, and the file
