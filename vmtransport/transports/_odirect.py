@@ -84,7 +84,8 @@ class _InFlight:
     def submit(self, data: memoryview, pos: int) -> None:
         """Start writing ``data`` at ``pos``; return once the write before it is done
         (raising that write's error)."""
-        i = self._next  # free: the write before the previous one was waited for
+        i = self._next
+        self._wait(i)  # the write before the previous one: done, unless a wait was interrupted
         self._jobs[i].put((data, pos))
         self._busy[i] = True
         self._next = 1 - i
