@@ -1420,6 +1420,12 @@ async def test_exec_async_copy(tmp_path: Path, small: bytes) -> None:
 
 # --- page lending (vmsplice) only to QEMU's own exec: channel ------------------------------
 
+#: run with stdout on a pipe: says whether a restore's stdout sink would lend pages
+_LENDS_PROBE = (
+    "import sys; from vmtransport._io import FdSink; s = FdSink(1, 'o', close=False); "
+    "sys.stderr.write('lends' if s._splice is not None else 'copies')"
+)
+
 _FAKE_QEMU = """
 import os, subprocess, sys
 helper, keep = sys.argv[1], sys.argv[2]
@@ -1449,9 +1455,7 @@ def test_pages_are_lent_only_to_the_qemu_that_reads_the_pipe(
     it, however many wrappers up, holds the pipe's read end: QEMU copies what it reads."""
     fake = tmp_path / "qemu-system-x86_64"  # what the check recognises QEMU by
     shutil.copy(os.path.realpath(sys.executable), fake)
-    probe = "import sys; from vmtransport._io import FdSink; s = FdSink(1, 'o', close=False); "
-    probe += "sys.stderr.write('lends' if s._splice is not None else 'copies')"
-    helper = f"{wrapper}{sys.executable} -c \"{probe}\""
+    helper = f"{wrapper}{sys.executable} -c \"{_LENDS_PROBE}\""
     script = tmp_path / "qemu.py"
     script.write_text(_FAKE_QEMU)
     out = subprocess.run(
@@ -1461,12 +1465,10 @@ def test_pages_are_lent_only_to_the_qemu_that_reads_the_pipe(
 
 
 def test_a_process_that_is_not_qemu_gets_copies() -> None:
-    probe = "import sys; from vmtransport._io import FdSink; s = FdSink(1, 'o', close=False); "
-    probe += "sys.stderr.write('lends' if s._splice is not None else 'copies')"
     r, w = os.pipe()
     try:
         out = subprocess.run(
-            [sys.executable, "-c", probe], stdout=w, stderr=subprocess.PIPE, timeout=60
+            [sys.executable, "-c", _LENDS_PROBE], stdout=w, stderr=subprocess.PIPE, timeout=60
         )
     finally:
         os.close(r)

@@ -102,16 +102,23 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def _load(namespace: dict[str, Any], exports: dict[str, tuple[str, str]], name: str) -> Any:
+    """PEP 562 for this package and its subpackages: import the module ``exports`` names
+    for ``name`` on first use, and keep the value in the package's ``namespace``."""
+    package = namespace["__name__"]
     try:
-        module, attr = _EXPORTS[name]
+        module, attr = exports[name]
     except KeyError:
-        raise AttributeError(f"module 'vmtransport' has no attribute {name!r}") from None
+        raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
     import importlib
 
-    value = getattr(importlib.import_module(module, __name__), attr)
-    globals()[name] = value
+    value = getattr(importlib.import_module(module, package), attr)
+    namespace[name] = value
     return value
+
+
+def __getattr__(name: str) -> Any:
+    return _load(globals(), _EXPORTS, name)
 
 
 def __dir__() -> list[str]:

@@ -17,8 +17,7 @@ TYPE_CHECKING = False  # not typing's: importing typing costs milliseconds here
 if TYPE_CHECKING:
     from ._early import BlockingReader
     from ._pump import EarlySave, EarlySource
-    from .transports._file import FileTransport
-    from .transports._odirect import ODirectTransport
+    from .transports import FileTransport, ODirectTransport
 
 
 def _is_save(argv: list[str]) -> bool:
@@ -28,16 +27,10 @@ def _is_save(argv: list[str]) -> bool:
 
 
 def _builtin_file_transport(uri: str) -> type[FileTransport] | type[ODirectTransport] | None:
+    from .transports import FileTransport, ODirectTransport  # (not exec:'s, fd:'s modules)
+
     scheme = uri.partition(":")[0]
-    if scheme == "file":
-        from .transports._file import FileTransport
-
-        return FileTransport
-    if scheme == "odirect":
-        from .transports._odirect import ODirectTransport
-
-        return ODirectTransport
-    return None
+    return FileTransport if scheme == "file" else ODirectTransport if scheme == "odirect" else None
 
 
 def _save_uri(argv: list[str]) -> str | None:

@@ -6,6 +6,8 @@ subprocess and signal machinery first."""
 
 from __future__ import annotations
 
+from .. import _load
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ._exec import ExecTransport
@@ -15,22 +17,16 @@ if TYPE_CHECKING:
 
 __all__ = ["ExecTransport", "FdTransport", "FileTransport", "ODirectTransport"]
 
-_MODULES = {
-    "ExecTransport": "._exec",
-    "FdTransport": "._fd",
-    "FileTransport": "._file",
-    "ODirectTransport": "._odirect",
+_EXPORTS: dict[str, tuple[str, str]] = {
+    "ExecTransport": ("._exec", "ExecTransport"),
+    "FdTransport": ("._fd", "FdTransport"),
+    "FileTransport": ("._file", "FileTransport"),
+    "ODirectTransport": ("._odirect", "ODirectTransport"),
 }
 
 
 def __getattr__(name: str) -> object:
-    if name not in _MODULES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(_MODULES[name], __name__), name)
-    globals()[name] = value
-    return value
+    return _load(globals(), _EXPORTS, name)
 
 
 def __dir__() -> list[str]:
