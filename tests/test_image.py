@@ -390,3 +390,51 @@ def test_header_decoder_agrees_with_struct_parse(tmp_path: Path) -> None:
     )  # fmt: skip
     assert theirs.metadata == ours.metadata
     assert theirs.encode() == head
+
+
+# --- the checksum from the reader ---------------------------------------------------------
+
+
+def _image_writer(path: Path) -> Any:
+    from vmtransport._image import ImageWriter, save_sink
+    from vmtransport._registry import get_registry
+
+    sink = save_sink(get_registry().resolve(f"odirect:{path}"), None)
+    assert isinstance(sink, ImageWriter)
+    return sink
+
+
+def test_image_takes_the_checksum_its_reader_computed(tmp_path: Path) -> None:
+    """A save helper's reader hashes the stream as it reads it (see BlockingReader); the
+    image carries that checksum, and one that does not cover exactly the bytes written
+    fails the save: no image."""
+    from vmtransport._early import Checksum
+
+    stream, _ = load_stream("qemu7.2-pc")
+    image = tmp_path / "vm.sav"
+    writer = _image_writer(image)
+    checksum = Checksum()
+    writer.use_checksum(checksum)
+    for pos in range(0, len(stream), BUFFER_SIZE):
+        piece = memoryview(stream)[pos : pos + BUFFER_SIZE]
+        checksum.update(piece)
+        writer.write(piece)
+    writer.commit()
+    check_complete_image(image, stream)
+
+    short = tmp_path / "short.sav"
+    writer = _image_writer(short)
+    checksum = Checksum()
+    writer.use_checksum(checksum)
+    checksum.update(memoryview(stream)[:-1])
+    writer.write(memoryview(stream))
+    with pytest.raises(vmtransport.TransportError, match="checksum covers"):
+        writer.commit()
+    writer.abort()
+    assert listing(tmp_path) == ["vm.sav"]
+
+    late = _image_writer(tmp_path / "late.sav")
+    late.write(memoryview(stream)[:BUFFER_SIZE])
+    with pytest.raises(ValueError, match="from its start"):
+        late.use_checksum(Checksum())
+    late.abort()

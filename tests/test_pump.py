@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import xxhash
 from test_transports import big_stream
 
 import vmtransport
@@ -227,6 +228,47 @@ def test_pump_fd_random_chunks_arrive_unchanged(pipe: Pipe, nonblocking: bool) -
     assert sink.hash.hexdigest() == hashlib.sha256(data).hexdigest()
     assert sink.sizes[:-1] == [128 * KIB] * (len(sink.sizes) - 1)
     assert sink.committed and not sink.aborted
+
+
+def test_reader_checksum_covers_every_byte_in_order(pipe: Pipe) -> None:
+    """checksum=True: the reader thread hashes what it reads, as it reads it."""
+    r = pipe.r
+    data = random.Random(11).randbytes(3 * MIB + 7)
+    reader = BlockingReader(
+        fd_reader(r), label="test pipe", buffer_size=128 * KIB, buffers=3, checksum=True
+    )
+    sink = RecordingSink()
+    with Producer(pipe.take_w(), data, seed=11):
+        pump_blocking(reader, sink)
+    assert sink.hash.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert reader.checksum is not None
+    assert reader.checksum.length == len(data)
+    assert reader.checksum.digest() == xxhash.xxh3_128(data).digest()
+
+
+def test_reader_stops_hashing_when_nobody_needs_it(pipe: Pipe) -> None:
+    r = pipe.r
+    data = random.Random(12).randbytes(2 * MIB)
+    reader = BlockingReader(
+        fd_reader(r), label="test pipe", buffer_size=128 * KIB, buffers=3, checksum=True
+    )
+    checksum, reader.checksum = reader.checksum, None
+    with Producer(pipe.take_w(), data, seed=12):
+        pump_blocking(reader, RecordingSink())
+    assert checksum is not None
+    assert checksum.length <= 128 * KIB  # at most the buffer it was filling
+
+
+def test_free_buffers_go_out_last_in_first_out() -> None:
+    """The buffer written out last is the next one filled: still warm in the caches."""
+    reader = BlockingReader(lambda _: 0, buffer_size=PAGE, buffers=2)
+    assert reader.full.get(timeout=TIMEOUT) is None  # an empty stream: both are free
+    a, b = reader.pool
+    for order in ((a, b), (b, a)):
+        for buf in order:
+            reader.free.put(buf)
+        assert [reader.free.get(), reader.free.get()] == [order[1], order[0]]
+    reader.close()
 
 
 def test_pump_fd_empty_stream(pipe: Pipe) -> None:

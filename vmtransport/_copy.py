@@ -8,7 +8,7 @@ from typing import Final
 
 from ._early import BlockingReader, fd_reader, source_reader
 from ._errors import StreamError, TransportError, UsageError
-from ._image import QEMU_MAGIC, ImageWriter, NullSink, StreamReader, save_sink
+from ._image import QEMU_MAGIC, ImageWriter, NullSink, StreamReader, hash_as_read, save_sink
 from ._io import FdSink, is_pollable
 from ._pump import EarlySave, EarlySource, PumpStats, pump, pump_blocking, run_trio
 from ._registry import get_registry
@@ -56,9 +56,12 @@ def save_fd(
         if reader is None:
             if os.isatty(fd):
                 raise UsageError("save reads the migration stream from stdin, which is a terminal")
-            reader = BlockingReader(fd_reader(fd), label="stdin", magic=QEMU_MAGIC)
+            reader = BlockingReader(
+                fd_reader(fd), label="stdin", magic=QEMU_MAGIC, checksum=True
+            )
         try:
             sink = save_sink(transport, name)
+            hash_as_read(reader, sink)
         except BaseException:
             reader.discard()
             raise

@@ -20,7 +20,7 @@ import stat
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import Final
+    from typing import Any, Final
 
     from ._transport import ThreadedSource
 
@@ -33,6 +33,57 @@ BUFFERS: Final = 8
 #: Reads in flight for a file source (see BlockingReader's ``at``).
 READ_DEPTH: Final = 3
 _HUGE_PAGE: Final = 2 << 20
+#: A reader that checksums hashes what it read in pieces of at least this size, right
+#: after reading them: they are still in the CPU's cache (L2 is 1 MiB here).
+_HASH_STEP: Final = 256 << 10
+
+
+def new_hasher() -> Any:
+    """The image checksum's algorithm: XXH3-128."""
+    import xxhash
+
+    return xxhash.xxh3_128()
+
+
+class Checksum:
+    """The checksum of a stream, and how many bytes it covers."""
+
+    __slots__ = ("_hasher", "length")
+
+    def __init__(self) -> None:
+        self._hasher: Any = None  # created on the first update: xxhash loads in ~1 ms
+        self.length = 0
+
+    def update(self, data: memoryview) -> None:
+        if self._hasher is None:
+            self._hasher = new_hasher()
+        self._hasher.update(data)
+        self.length += len(data)
+
+    def digest(self) -> bytes:
+        if self._hasher is None:
+            self._hasher = new_hasher()
+        digest: bytes = self._hasher.digest()
+        return digest
+
+
+class _FreeList:
+    """The pool's free buffers, last in first out: the buffer taken next is the one
+    written out last, still warm in the CPU's caches and TLB, and a steady stream cycles
+    through as few buffers as it needs rather than the whole pool. A queue's interface,
+    built from ``_queue`` (see the module's docstring)."""
+
+    def __init__(self) -> None:
+        self._items: list[mmap.mmap | None] = []
+        self._count: _queue.SimpleQueue[None] = _queue.SimpleQueue()
+
+    def put(self, item: mmap.mmap | None) -> None:
+        self._items.append(item)  # before the count: a get() always finds an item
+        self._count.put(None)
+
+    def get(self) -> mmap.mmap | None:
+        self._count.get()
+        return self._items.pop()
 
 
 def aligned_buffer(size: int) -> mmap.mmap:
@@ -111,6 +162,13 @@ class BlockingReader:
     ``pread(buf, pos)``, ``depth`` buffers at once (``read`` is then unused): one O_DIRECT
     read at a time leaves the disk idle between requests (2 GiB took 1.43 s at depth 1,
     1.30 s at depth 3 here; the pool's huge pages matter more, see aligned_buffer).
+
+    ``checksum=True`` (sequential reads only): :attr:`checksum` accumulates the hash of
+    every byte read, computed in this thread right after each read, while the bytes are
+    in the CPU's cache. In the consumer's thread, a whole buffer later, the same hash
+    costs memory bandwidth that a save shares with QEMU and the disk: a save into a
+    discarding sink took 1.11 s with it here, against 1.32 s (QEMU alone: 1.20 s).
+    Whoever does not need it sets ``checksum`` to None: hashing stops at the next buffer.
     """
 
     HEAD: Final = 4  #: as many as QEMU's magic
@@ -125,14 +183,18 @@ class BlockingReader:
         buffers: int = BUFFERS,
         at: tuple[Callable[[memoryview, int], int], int, int] | None = None,
         depth: int = READ_DEPTH,
+        checksum: bool = False,
     ) -> None:
         check_geometry(buffer_size, buffers)
+        if checksum and at is not None:
+            raise ValueError("BlockingReader: a checksum needs sequential reads")
+        self.checksum = Checksum() if checksum else None
         self._read = read
         self._magic = magic
         self.label = label
         self._size = buffer_size
         self.pool = [aligned_buffer(buffer_size) for _ in range(buffers)]
-        self.free: _queue.SimpleQueue[mmap.mmap | None] = _queue.SimpleQueue()
+        self.free = _FreeList()
         self.full: _queue.SimpleQueue[tuple[mmap.mmap, int] | None] = _queue.SimpleQueue()
         for b in self.pool:
             self.free.put(b)
@@ -170,9 +232,13 @@ class BlockingReader:
                 buf = self.free.get()
                 if buf is None:  # stop()
                     return
-                n = 0
+                checksum = self.checksum
+                n = hashed = 0
                 with memoryview(buf) as view:
                     while n < size:
+                        if checksum is not None and n - hashed >= _HASH_STEP:
+                            checksum.update(view[hashed:n])
+                            hashed = n
                         k = read(view[n:])
                         if not k:
                             if k is None:  # EAGAIN: someone made it non-blocking
@@ -187,6 +253,8 @@ class BlockingReader:
                             if len(self.head) == self.HEAD:
                                 self._head_done()
                         n += k
+                    if checksum is not None and n > hashed:
+                        checksum.update(view[hashed:n])
                 if n:
                     self.full.put((buf, n))
                 else:

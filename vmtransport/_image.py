@@ -29,7 +29,7 @@ import struct
 import zlib
 from typing import Any, Final, NamedTuple, final
 
-from ._early import aligned_buffer
+from ._early import BlockingReader, Checksum, aligned_buffer, new_hasher
 from ._errors import StreamError, TransportError
 from ._transport import SeekableSink, Sink, Transport
 from .stream import StreamParser
@@ -139,12 +139,6 @@ def _json_bytes(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _hasher() -> Any:
-    import xxhash
-
-    return xxhash.xxh3_128()
-
-
 def stream_metadata(parser: StreamParser) -> dict[str, Any]:
     """What a complete stream says about the VM: for the header and ``inspect``."""
     blocks = parser.ram_blocks
@@ -208,7 +202,8 @@ class ImageWriter(StreamWriter):
         super().__init__(inner, label)
         self._seekable = inner
         self.metadata = metadata  #: the caller's part; may change until commit
-        self._hash = _hasher()
+        self._checksum = Checksum()
+        self._hashes = True  # write() updates the checksum (see use_checksum)
         self._put_header(ImageHeader(STATE_PARTIAL, 0, b"", 0, {}), first=True)
 
     def _put_header(self, header: ImageHeader, *, first: bool = False) -> None:
@@ -222,9 +217,17 @@ class ImageWriter(StreamWriter):
         else:
             self._seekable.rewrite(0, memoryview(buf))
 
+    def use_checksum(self, checksum: Checksum) -> None:
+        """Take the stream's checksum from whoever reads it (a BlockingReader hashing
+        as it reads) instead of computing it in :meth:`write`."""
+        if self.length:
+            raise ValueError("ImageWriter: a checksum must cover the stream from its start")
+        self._checksum, self._hashes = checksum, False
+
     def write(self, data: memoryview) -> None:
         self._check(data)
-        self._hash.update(data)
+        if self._hashes:
+            self._checksum.update(data)
         self._inner.write(data)
 
     def commit(self) -> None:
@@ -233,7 +236,12 @@ class ImageWriter(StreamWriter):
         assert eof is not None
         meta = dict(self.metadata)
         meta["stream"] = stream_metadata(self.parser)
-        header = ImageHeader(STATE_COMPLETE, self.length, self._hash.digest(), eof, meta)
+        if self._checksum.length != self.length:  # a reader's: it must cover what we wrote
+            raise TransportError(
+                f"{self.label}: the checksum covers {self._checksum.length} bytes, "
+                f"the stream has {self.length}"
+            )
+        header = ImageHeader(STATE_COMPLETE, self.length, self._checksum.digest(), eof, meta)
         self._put_header(header)
         self._inner.commit()
 
@@ -245,6 +253,17 @@ def save_sink(transport: Transport, name: str | None) -> StreamWriter:
     if transport.save_format == "image" and isinstance(sink, SeekableSink) and sink.rewritable:
         return ImageWriter(sink, label, save_metadata(name))
     return StreamWriter(sink, label)
+
+
+def hash_as_read(reader: BlockingReader, sink: Sink) -> None:
+    """Give ``sink`` the checksum ``reader`` computes as it reads (see BlockingReader) if
+    it writes an image; otherwise nobody needs one, and the reader stops computing it."""
+    if reader.checksum is None:
+        return
+    if isinstance(sink, ImageWriter):
+        sink.use_checksum(reader.checksum)
+    else:
+        reader.checksum = None
 
 
 def save_metadata(name: str | None) -> dict[str, Any]:
@@ -427,7 +446,7 @@ class StreamReader(Sink):
                     "finished; refusing to restore it"
                 )
             self.header = header
-            self._hash = _hasher()
+            self._hash = new_hasher()
             self.format = FORMAT_IMAGE
             return HEADER_SIZE
         if bytes(head[:16]) in (MAGIC_SAVE, MAGIC_PARTIAL):

@@ -61,7 +61,7 @@ def _early_save(argv: list[str], reader: BlockingReader) -> EarlySave | None:
     cls = _builtin_file_transport(uri) if uri is not None else None
     if uri is None or cls is None:
         return None
-    from ._image import save_sink
+    from ._image import hash_as_read, save_sink
     from ._pump import EarlySave, EarlyWriter
 
     try:
@@ -70,6 +70,7 @@ def _early_save(argv: list[str], reader: BlockingReader) -> EarlySave | None:
         raise
     except Exception:  # the CLI says what is wrong, in its own order
         return None
+    hash_as_read(reader, sink)
     try:
         return EarlySave(cls, uri, EarlyWriter(reader, sink))
     except BaseException:  # a signal: nothing written is kept
@@ -132,7 +133,9 @@ def main() -> int:
             if _is_save(argv) and not os.isatty(0):
                 from ._early import BlockingReader, fd_reader
 
-                early_reader = BlockingReader(fd_reader(0), label="stdin", magic=b"QEVM")
+                early_reader = BlockingReader(
+                    fd_reader(0), label="stdin", magic=b"QEVM", checksum=True
+                )
                 early_save = _early_save(argv, early_reader)
                 if early_save is not None:
                     # The whole stream goes to the target before the CLI loads: its
