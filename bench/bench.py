@@ -26,7 +26,9 @@ both:    "disk alone" (no QEMU, always run, like the limits): the image's size w
 
 Printed per contender: median seconds (save: QEMU's total-time; restore: from
 migrate-incoming until the destination leaves ``inmigrate``), throughput, the ratio of
-the limit's time to the contender's (1.0 = as fast as the limit), the CPU seconds of the
+the limit's time to the contender's (1.0 = as fast as the limit), "reachable / this": the
+same per round against the slower of the limit and the disk alone (what a contender that
+goes through this disk can reach in that round, paired), the CPU seconds of the
 helper process (user+sys, via /usr/bin/time; n/a for QEMU-native paths) and how much of
 the image sits in the page cache afterwards (mincore). RAM files live on /dev/shm so
 that only the image touches the disk. Needs root.
@@ -282,12 +284,15 @@ def median(xs: list[float | None]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def table(title: str, mem: int, runs: dict[str, list[Run]], limit: str) -> str:
+def table(title: str, mem: int, runs: dict[str, list[Run]], limit: str, disk: str) -> str:
     lim = median([r.seconds for r in runs[limit]])
+    # What any contender that goes through the disk can reach in a round: the slower of
+    # the limit and the disk alone. Paired like the limit's ratio.
+    bounds = [max(a.seconds, d.seconds) for a, d in zip(runs[limit], runs[disk], strict=True)]
     out = [f"### {title}", "",
-           "| contender | median s | GiB/s | limit / this | paired | helper CPU s "
-           "| image cached | runs |",
-           "|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+           "| contender | median s | GiB/s | limit / this | paired | reachable / this "
+           "| helper CPU s | image cached | runs |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for name, rs in runs.items():
         sec = median([r.seconds for r in rs])
         assert sec is not None and lim is not None
@@ -295,15 +300,21 @@ def table(title: str, mem: int, runs: dict[str, list[Run]], limit: str) -> str:
         # round (they run back to back), which a machine's slow spells affect less.
         paired = median([a.seconds / b.seconds for a, b in zip(runs[limit], rs, strict=True)])
         assert paired is not None
+        reach = median([b / r.seconds for b, r in zip(bounds, rs, strict=True)])
         cpu = median([r.cpu for r in rs])
         cached = median([r.cached for r in rs])
         out.append(
             f"| {name} | {sec:.2f} | {mem / 1024 / sec:.2f} | {lim / sec:.2f} | {paired:.2f} | "
+            f"{'-' if name in (limit, disk) else f'{reach:.2f}'} | "
             f"{'n/a' if cpu is None else f'{cpu:.2f}'} | "
             f"{'-' if cached is None else f'{cached:.1%}'} | "
             f"{' '.join(f'{r.seconds:.2f}' for r in rs)} |"
         )
     return "\n".join(out)
+
+
+def _alone(contenders: list[Contender]) -> str:
+    return next(c.name for c in contenders if c.alone is not None)
 
 
 def bench_version(version: str, qemu: str, args: argparse.Namespace) -> list[str]:
@@ -350,10 +361,11 @@ def bench_version(version: str, qemu: str, args: argparse.Namespace) -> list[str
         f"QEMU {v}. {cost}",
         "",
         table(f"QEMU {v}: save ({args.mem_mib} MiB of random RAM, {args.rounds} rounds)",
-              args.mem_mib, save_runs, saves[0].name),
+              args.mem_mib, save_runs, saves[0].name, _alone(saves)),
         "",
         *([table(f"QEMU {v}: restore ({args.mem_mib} MiB, {args.rounds} rounds)",
-                 args.mem_mib, restore_runs, restores[0].name), ""] if restores else []),
+                 args.mem_mib, restore_runs, restores[0].name, _alone(restores)), ""]
+           if restores else []),
     ]
 
 
