@@ -4,11 +4,13 @@
     .venv/bin/python bench/bench.py [--mem-mib 2048] [--rounds 3] [--qemu 7.2,10.0]
 
 Per QEMU version, every round runs each contender once, in turn (alternating, so drift
-hits all alike), with the images cold before each run: every file in the work directory
-is synced and evicted from the page cache (POSIX_FADV_DONTNEED, checked with mincore).
-The programs stay cached, as on a host that saves and restores routinely; with
-``--drop-caches`` the whole page cache is dropped instead, and each helper also loads
-its own code from disk (a first run after boot: ~0.1 s more for a Python helper here).
+hits all alike; each round starts one contender later than the one before, and the
+restores start 10 s after the saves), with the images cold before each run: every file
+in the work directory is synced and evicted from the page cache (POSIX_FADV_DONTNEED,
+checked with mincore). The programs stay cached, as on a host that saves and restores
+routinely; with ``--drop-caches`` the whole page cache is dropped instead, and each
+helper also loads its own code from disk (a first run after boot: ~0.1 s more for a
+Python helper here).
 
 Images: vmtransport's contenders write and read vmtransport images (the default: a
 64 KiB header, then the stream, checksummed); the others write and read the bare stream.
@@ -144,6 +146,9 @@ class Run:
     seconds: float
     cpu: float | None
     cached: float | None  # fraction of the image in the page cache afterwards
+
+
+SETTLE_S = 10
 
 
 def clear_images(work: Path) -> None:
@@ -313,6 +318,21 @@ def table(title: str, mem: int, runs: dict[str, list[Run]], limit: str, disk: st
     return "\n".join(out)
 
 
+def rotated(contenders: list[Contender], rnd: int) -> list[Contender]:
+    """Round ``rnd``'s order: each round starts one contender later, so no contender
+    always runs first, right after a phase of heavy writes (a virtio disk's host may
+    still be writing them back: in one run the first two restores of every round took
+    3.1-4.0 s, against 2.5-2.6 s for the same two in a probe on an idle disk)."""
+    k = rnd % len(contenders)
+    return contenders[k:] + contenders[:k]
+
+
+def settle() -> None:
+    """Between the saves and the restores of a round: let the disk's writes drain."""
+    os.sync()
+    time.sleep(SETTLE_S)
+
+
 def _alone(contenders: list[Contender]) -> str:
     return next(c.name for c in contenders if c.alone is not None)
 
@@ -337,7 +357,7 @@ def bench_version(version: str, qemu: str, args: argparse.Namespace) -> list[str
     cost = "(no bare stream saved: validation cost not measured)"
     restore_runs: dict[str, list[Run]] = {c.name: [] for c in restores}
     for rnd in range(args.rounds):
-        for c in saves:
+        for c in rotated(saves, rnd):
             r = run_save(qemu, work, src_ram, args.mem_mib, c)
             save_runs[c.name].append(r)
             print(f"  qemu {version} round {rnd + 1} save    {c.name}: {r.seconds:.2f} s",
@@ -348,7 +368,8 @@ def bench_version(version: str, qemu: str, args: argparse.Namespace) -> list[str
             cost = validation_cost(work / "img-cat")
         if restores:
             shutil.copyfile(work / "img-cat", "/dev/shm/vmtbench-img")
-        for c in restores:
+            settle()
+        for c in rotated(restores, rnd):
             r = run_restore(qemu, work, src_ram, args.mem_mib, c, verify=rnd == 0)
             restore_runs[c.name].append(r)
             print(f"  qemu {version} round {rnd + 1} restore {c.name}: {r.seconds:.2f} s",
