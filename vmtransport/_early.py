@@ -54,16 +54,17 @@ class Checksum:
         self._hasher: Any = None  # created on the first update: xxhash loads in ~1 ms
         self.length = 0
 
-    def update(self, data: memoryview) -> None:
+    def _get(self) -> Any:
         if self._hasher is None:
             self._hasher = new_hasher()
-        self._hasher.update(data)
+        return self._hasher
+
+    def update(self, data: memoryview) -> None:
+        self._get().update(data)
         self.length += len(data)
 
     def digest(self) -> bytes:
-        if self._hasher is None:
-            self._hasher = new_hasher()
-        digest: bytes = self._hasher.digest()
+        digest: bytes = self._get().digest()
         return digest
 
 
@@ -166,9 +167,9 @@ class BlockingReader:
     ``checksum=True`` (sequential reads only): :attr:`checksum` accumulates the hash of
     every byte read, computed in this thread right after each read, while the bytes are
     in the CPU's cache. In the consumer's thread, a whole buffer later, the same hash
-    costs memory bandwidth that a save shares with QEMU and the disk: a save into a
-    discarding sink took 1.11 s with it here, against 1.32 s (QEMU alone: 1.20 s).
-    Whoever does not need it sets ``checksum`` to None: hashing stops at the next buffer.
+    reads the buffer back from memory, whose bandwidth a save shares with QEMU and the
+    disk (docs/semantics.md has the probe). Whoever does not need it sets ``checksum``
+    to None: hashing stops at the next buffer.
     """
 
     HEAD: Final = 4  #: as many as QEMU's magic
