@@ -493,7 +493,10 @@ def test_save_2gib_in_bounded_memory() -> None:
     assert total > 2 << 30
     assert f"saved to {uri}: {total} bytes" in err.decode()
     assert max_rss < 100 * MIB, f"max RSS {max_rss / MIB:.0f} MiB"
-    assert max_rss > BUFFERS * BUFFER_SIZE // 2  # sanity: the pool was in there
+    # Sanity (the helper was measured, not a wrapper): its buffers in use were in there.
+    # Only those: the free ones go out last in first out, so a pool the sink keeps up
+    # with touches two or three of its BUFFERS.
+    assert max_rss > BUFFER_SIZE
 
 
 # --- several reads in flight (file sources) ------------------------------------------------
