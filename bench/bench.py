@@ -319,16 +319,17 @@ def table(title: str, mem: int, runs: dict[str, list[Run]], limit: str, disk: st
 
 
 def rotated(contenders: list[Contender], rnd: int) -> list[Contender]:
-    """Round ``rnd``'s order: each round starts one contender later, so no contender
-    always runs first, right after a phase of heavy writes (a virtio disk's host may
-    still be writing them back: in one run the first two restores of every round took
-    3.1-4.0 s, against 2.5-2.6 s for the same two in a probe on an idle disk)."""
+    """Round ``rnd``'s order: each round starts one contender later, so that a run's
+    place in its round — which matters on this machine, for reasons not established
+    (see docs/performance.md) — touches every contender alike."""
     k = rnd % len(contenders)
     return contenders[k:] + contenders[:k]
 
 
 def settle() -> None:
-    """Between the saves and the restores of a round: let the disk's writes drain."""
+    """Between a round's saves and its restores: let the disk drain the saves' writes
+    (without this pause the first restores of a round ran 0.5-1 s slower than in a
+    probe on an idle disk)."""
     os.sync()
     time.sleep(SETTLE_S)
 
