@@ -15,7 +15,10 @@ QEMU7=/usr/bin/qemu-system-x86_64
 BACKPORTS_SOURCES=/etc/apt/sources.list.d/vmtransport-backports.sources
 BACKPORTS_PREFS=/etc/apt/preferences.d/vmtransport-backports
 # lzop, zstd, xz-utils, bzip2: the decompressors of compressed libvirt save images (tests).
-SYSTEM_PACKAGES=(qemu-system-x86 libvirt-daemon util-linux e2fsprogs lzop zstd xz-utils bzip2)
+# python3-venv: the .venv below (a minimal Debian has neither it nor python3); time:
+# /usr/bin/time, which the benchmark and the page-lending tests run helpers under.
+SYSTEM_PACKAGES=(qemu-system-x86 libvirt-daemon util-linux e2fsprogs lzop zstd xz-utils bzip2
+                 python3-venv time)
 # Packages unpacked for QEMU 10.0: the binary, its data/firmware, and its loadable modules
 # (qemu-system-common; the wrapper sets QEMU_MODULE_DIR so 7.2's modules are never tried).
 QEMU10_PACKAGES=(qemu-system-x86 qemu-system-data qemu-system-common)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Final
 
-from ._early import BlockingReader, fd_reader, source_reader
+from ._early import BlockingReader, save_reader, source_reader
 from ._errors import StreamError, TransportError, UsageError
 from ._image import QEMU_MAGIC, ImageWriter, NullSink, StreamReader, hash_as_read, save_sink
 from ._io import FdSink, is_pollable
@@ -56,9 +56,7 @@ def save_fd(
         if reader is None:
             if os.isatty(fd):
                 raise UsageError("save reads the migration stream from stdin, which is a terminal")
-            reader = BlockingReader(
-                fd_reader(fd), label="stdin", magic=QEMU_MAGIC, checksum=True
-            )
+            reader = save_reader(fd)
         try:
             sink = save_sink(transport, name)
             hash_as_read(reader, sink)

@@ -376,6 +376,12 @@ class Worker:
         return True
 
 
+def save_reader(fd: int) -> BlockingReader:
+    """A started reader of a save's stream on ``fd`` (stdin): checks QEMU's magic, and
+    checksums as it reads, for the image (see ``_image.hash_as_read``)."""
+    return BlockingReader(fd_reader(fd), label="stdin", magic=b"QEVM", checksum=True)
+
+
 def source_reader(source: ThreadedSource, label: str) -> BlockingReader:
     """A started reader of a blocking source: several reads at once where it allows."""
     return BlockingReader(source.read_blocking, label=label, at=source.parallel_reads())

@@ -131,11 +131,9 @@ def main() -> int:
     try:
         if not helpish:
             if _is_save(argv) and not os.isatty(0):
-                from ._early import BlockingReader, fd_reader
+                from ._early import save_reader
 
-                early_reader = BlockingReader(
-                    fd_reader(0), label="stdin", magic=b"QEVM", checksum=True
-                )
+                early_reader = save_reader(0)
                 early_save = _early_save(argv, early_reader)
                 if early_save is not None:
                     # The whole stream goes to the target before the CLI loads: its
