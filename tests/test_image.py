@@ -32,8 +32,8 @@ import pytest
 import xxhash
 
 import vmtransport
-from vmtransport._copy import REFUSED
-from vmtransport._early import BUFFER_SIZE
+from vmtransport._usecases import REFUSED
+from vmtransport._buffers import BUFFER_SIZE
 from vmtransport._libvirt_image import build_libvirt_header
 
 VMT = Path(sys.executable).parent / "vmtransport"
@@ -408,7 +408,7 @@ def test_image_takes_the_checksum_its_reader_computed(tmp_path: Path) -> None:
     """A save helper's reader hashes the stream as it reads it (see BlockingReader); the
     image carries that checksum, and one that does not cover exactly the bytes written
     fails the save: no image."""
-    from vmtransport._early import Checksum
+    from vmtransport._buffers import Checksum
 
     stream, _ = load_stream("qemu7.2-pc")
     image = tmp_path / "vm.sav"

@@ -35,7 +35,7 @@ from test_qemu_images import (
     wait_for,
 )
 
-from vmtransport._copy import REFUSED
+from vmtransport._usecases import REFUSED
 from vmtransport._libvirt_image import HEADER_SIZE, build_libvirt_header
 
 XML = """<domain type='kvm'>

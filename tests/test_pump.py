@@ -1,6 +1,6 @@
 """The pump: bounded memory, back-pressure, bytes unchanged, taps, cleanup.
 
-In-process tests drive :func:`vmtransport.pump` / :func:`vmtransport._pump.pump_fd` from
+In-process tests drive :func:`vmtransport.pump` / :func:`vmtransport._pipeline.pump_fd` from
 real pipes fed by producer threads; the memory test runs the real helper on 2 GiB.
 """
 
@@ -26,7 +26,7 @@ from test_transports import big_stream
 
 import vmtransport
 from vmtransport import Sink, TransportError
-from vmtransport._early import (
+from vmtransport._buffers import (
     BUFFER_SIZE,
     BUFFERS,
     PAGE,
@@ -36,7 +36,7 @@ from vmtransport._early import (
     grow_pipe,
 )
 from vmtransport._io import FdSink, FdSource
-from vmtransport._pump import Tap, pump_blocking
+from vmtransport._pipeline import Tap, pump_blocking
 
 VMT = Path(sys.executable).parent / "vmtransport"
 MIB = 1 << 20
@@ -592,7 +592,7 @@ def test_parallel_reads_stop_when_the_sink_fails(tmp_path: Path) -> None:
 
 def test_save_helper_reads_before_its_heavy_imports(tmp_path: Path) -> None:
     """QEMU blocks once the 1 MiB pipe to the save helper is full: the console script
-    must start the reader (``vmtransport._early``) before importing re, typing, enum or
+    must start the reader (``vmtransport._buffers``) before importing re, typing, enum or
     the CLI — each costs milliseconds of a blocked migration."""
     stream = tmp_path / "head"
     stream.write_bytes(b"QEVM" + bytes(4096))
@@ -611,7 +611,7 @@ def test_save_helper_reads_before_its_heavy_imports(tmp_path: Path) -> None:
         for line in proc.stderr.splitlines()
         if line.startswith("import time:") and "|" in line
     ]
-    assert "vmtransport._early" in order, proc.stderr[-2000:]
-    before = set(order[: order.index("vmtransport._early")])
+    assert "vmtransport._buffers" in order, proc.stderr[-2000:]
+    before = set(order[: order.index("vmtransport._buffers")])
     assert not before & {"re", "typing", "enum", "signal", "vmtransport._cli", "argparse"}
     assert not (tmp_path / "img").exists()

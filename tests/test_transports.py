@@ -37,10 +37,10 @@ import trio
 
 import vmtransport
 from vmtransport import TransportError
-from vmtransport._copy import REFUSED
-from vmtransport._early import fd_reader
+from vmtransport._usecases import REFUSED
+from vmtransport._buffers import fd_reader
 from vmtransport._pagecache import cached_bytes
-from vmtransport._pump import pump_blocking
+from vmtransport._pipeline import pump_blocking
 
 VMT = Path(sys.executable).parent / "vmtransport"
 MIB = 1 << 20

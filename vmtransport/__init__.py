@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from ._version import __version__
 
-TYPE_CHECKING = False  # not typing's: a helper's start-up counts (see ``_early``)
+TYPE_CHECKING = False  # not typing's: a helper's start-up counts (see ``_buffers``)
 if TYPE_CHECKING:
     from typing import Any
 
-    from ._copy import copy, open_sink, open_source, restore, restore_fd, save, save_fd
     from ._errors import (
         CommandError,
         Interrupted,
@@ -27,19 +26,46 @@ if TYPE_CHECKING:
     from ._hookspecs import hookimpl
     from ._inspect import describe as inspect_image
     from ._inspect import verify as verify_image
-    from ._pump import PumpStats, pump, pump_blocking
+    from ._pipeline import (
+        STATES,
+        Pipeline,
+        Progress,
+        PumpStats,
+        StateEvent,
+        pump,
+        pump_blocking,
+    )
     from ._registry import Registry, TransportInfo, get_registry
     from ._transport import SeekableSink, Sink, Source, ThreadedSource, Transport
     from ._uri import URI, parse_uri
+    from ._usecases import (
+        RestorePipeline,
+        SavePipeline,
+        copy,
+        copy_pipeline,
+        open_sink,
+        open_source,
+        restore,
+        restore_fd,
+        restore_pipeline,
+        save,
+        save_fd,
+        save_pipeline,
+    )
 
 _EXPORTS: dict[str, tuple[str, str]] = {
-    "copy": ("._copy", "copy"),
-    "open_sink": ("._copy", "open_sink"),
-    "open_source": ("._copy", "open_source"),
-    "restore": ("._copy", "restore"),
-    "restore_fd": ("._copy", "restore_fd"),
-    "save": ("._copy", "save"),
-    "save_fd": ("._copy", "save_fd"),
+    "copy": ("._usecases", "copy"),
+    "open_sink": ("._usecases", "open_sink"),
+    "open_source": ("._usecases", "open_source"),
+    "restore": ("._usecases", "restore"),
+    "restore_fd": ("._usecases", "restore_fd"),
+    "save": ("._usecases", "save"),
+    "save_fd": ("._usecases", "save_fd"),
+    "copy_pipeline": ("._usecases", "copy_pipeline"),
+    "restore_pipeline": ("._usecases", "restore_pipeline"),
+    "save_pipeline": ("._usecases", "save_pipeline"),
+    "RestorePipeline": ("._usecases", "RestorePipeline"),
+    "SavePipeline": ("._usecases", "SavePipeline"),
     "CommandError": ("._errors", "CommandError"),
     "Interrupted": ("._errors", "Interrupted"),
     "PluginError": ("._errors", "PluginError"),
@@ -51,9 +77,13 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "hookimpl": ("._hookspecs", "hookimpl"),
     "inspect_image": ("._inspect", "describe"),
     "verify_image": ("._inspect", "verify"),
-    "PumpStats": ("._pump", "PumpStats"),
-    "pump": ("._pump", "pump"),
-    "pump_blocking": ("._pump", "pump_blocking"),
+    "PumpStats": ("._pipeline", "PumpStats"),
+    "pump": ("._pipeline", "pump"),
+    "pump_blocking": ("._pipeline", "pump_blocking"),
+    "Pipeline": ("._pipeline", "Pipeline"),
+    "Progress": ("._pipeline", "Progress"),
+    "StateEvent": ("._pipeline", "StateEvent"),
+    "STATES": ("._pipeline", "STATES"),
     "Registry": ("._registry", "Registry"),
     "TransportInfo": ("._registry", "TransportInfo"),
     "get_registry": ("._registry", "get_registry"),
@@ -67,15 +97,21 @@ _EXPORTS: dict[str, tuple[str, str]] = {
 }
 
 __all__ = [
+    "STATES",
     "URI",
     "CommandError",
     "Interrupted",
+    "Pipeline",
     "PluginError",
+    "Progress",
     "PumpStats",
     "Registry",
+    "RestorePipeline",
+    "SavePipeline",
     "SeekableSink",
     "Sink",
     "Source",
+    "StateEvent",
     "StreamError",
     "ThreadedSource",
     "Transport",
@@ -86,6 +122,7 @@ __all__ = [
     "VMTransportError",
     "__version__",
     "copy",
+    "copy_pipeline",
     "get_registry",
     "hookimpl",
     "inspect_image",
@@ -96,8 +133,10 @@ __all__ = [
     "pump_blocking",
     "restore",
     "restore_fd",
+    "restore_pipeline",
     "save",
     "save_fd",
+    "save_pipeline",
     "verify_image",
 ]
 

@@ -8,12 +8,13 @@ import sys
 from collections.abc import Sequence
 
 from . import _log
-from ._copy import copy, restore_fd, save_fd
-from ._early import BlockingReader
 from ._errors import UsageError, VMTransportError, interrupt_on_signals
-from ._pump import EarlySave, EarlySource, run_trio
-from ._registry import get_registry
 from ._version import __version__
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ._buffers import BlockingReader
+    from ._pipeline import Pipeline
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _plugins() -> None:
+    from ._registry import get_registry
+
     rows = [(i.scheme + ":", i.plugin, i.origin, i.transport.summary) for i in get_registry()]
     w = [max(len(r[k]) for r in rows) for k in range(3)]
     lines = []
@@ -85,21 +88,33 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
-def main(
-    argv: Sequence[str] | None = None,
-    *,
-    early: BlockingReader | None = None,
-    early_save: EarlySave | None = None,
-    early_restore: EarlySource | None = None,
-) -> int:
-    """Run the CLI; ``early*`` are what ``_main`` started ahead (each is used by the
-    command it was started for, or discarded)."""
-    verbose = "-v" in (argv if argv is not None else sys.argv[1:]) or "--verbose" in (
-        argv if argv is not None else sys.argv[1:]
-    )
+def _stdin_reader(args: argparse.Namespace) -> BlockingReader | None:
+    """The head start of ``save``: start reading QEMU's stream from stdin now, before
+    the rest of the package loads (QEMU blocks as soon as the pipe is full). Imports C
+    modules only (see ``_buffers``)."""
+    if args.command != "save" or os.isatty(0):
+        return None  # (a terminal: save_pipeline says why that will not do)
+    from ._buffers import save_reader
+
+    return save_reader(0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    argv = list(argv if argv is not None else sys.argv[1:])
+    verbose = "-v" in argv or "--verbose" in argv
     _log.cli_stderr = True
+    reader: BlockingReader | None = None
     try:
         args = _parser().parse_args(argv)
+        if args.command in ("save", "restore", "copy"):
+            # Signals raise Interrupted in this thread, which cancels the pipeline (or,
+            # under trio, run_trio turns them into cancellation).
+            interrupt_on_signals()
+            # The reader thread must get the GIL back within a fraction of a pipe's
+            # worth of stream while the writer thread parses: 0.2 ms, not 5 ms.
+            sys.setswitchinterval(0.0002)
+            reader = _stdin_reader(args)
         if args.command == "plugins":
             _plugins()
             return 0
@@ -118,27 +133,29 @@ def main(
             _print(f"{args.image}: OK: complete vmtransport image, xxh3-128 checksum matches "
                    f"({doc['stream']['length']} stream bytes)")  # fmt: skip
             return 0
-        # Save and restore run without an event loop where they can (see _pump): signals
-        # raise in this thread; under trio, run_trio turns them into cancellation.
-        interrupt_on_signals()
-        # The reader must get the GIL back within a fraction of a pipe's worth of stream
-        # while the writer thread parses and hashes: 0.2 ms, not the default 5 ms.
-        sys.setswitchinterval(0.0002)
+        from . import _usecases
+
+        pipeline: Pipeline
+        restore: _usecases.RestorePipeline | None = None
         if args.command == "save":
-            stats = save_fd(args.uri, 0, name=args.name, reader=early, early=early_save)
-            early_save = None
+            pipeline = _usecases.save_pipeline(args.uri, reader or 0, name=args.name)
+            reader = None  # the pipeline's now
             what = f"saved to {args.uri}"
         elif args.command == "restore":
-            stats = restore_fd(args.uri, 1, early=early_restore)
-            early_restore = None
+            pipeline = restore = _usecases.restore_pipeline(args.uri, 1)
             what = f"restored from {args.uri}"
         else:
-            stats = run_trio(lambda: copy(args.src, args.dst, name=args.name))
+            pipeline = _usecases.copy_pipeline(args.src, args.dst, name=args.name)
             what = f"copied {args.src} to {args.dst}"
+        try:
+            stats = pipeline.run()
+        except BaseException:
+            if restore is not None:
+                _usecases.refuse(restore)
+            raise
     except BaseException as raw:
-        for started in (early_save, early_restore):
-            if started is not None:  # not taken over: nothing it wrote may be kept
-                started.discard()
+        if reader is not None:
+            reader.discard()
         exc = _unwrap(raw)
         if isinstance(exc, SystemExit):
             raise exc from None

@@ -14,7 +14,7 @@ Every message names the input it is about and the reason, on one line.
 
 from __future__ import annotations
 
-TYPE_CHECKING = False  # not typing's (see _early)
+TYPE_CHECKING = False  # not typing's (see _buffers)
 
 
 class VMTransportError(Exception):

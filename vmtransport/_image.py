@@ -29,7 +29,7 @@ import struct
 import zlib
 from typing import Any, Final, NamedTuple, final
 
-from ._early import BlockingReader, Checksum, aligned_buffer, new_hasher
+from ._buffers import BlockingReader, Checksum, aligned_buffer, new_hasher
 from ._errors import StreamError, TransportError
 from ._transport import SeekableSink, Sink, Transport
 from .stream import StreamParser
@@ -134,7 +134,7 @@ class ImageHeader(NamedTuple):
 
 
 def _json_bytes(obj: dict[str, Any]) -> bytes:
-    import json  # not at import time: every helper start counts (see _pump)
+    import json  # not at import time: every helper start counts (see _buffers)
 
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
@@ -192,6 +192,9 @@ class StreamWriter(Sink):
 
     def abort(self) -> None:
         self._inner.abort()
+
+    def cancel(self) -> None:
+        self._inner.cancel()
 
 
 @final
@@ -582,3 +585,6 @@ class StreamReader(Sink):
         if self._decomp is not None:
             self._decomp.kill()
         self._inner.abort()
+
+    def cancel(self) -> None:
+        self._inner.cancel()

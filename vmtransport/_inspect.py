@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._copy import read_all
 from ._errors import StreamError
 from ._image import FORMAT_IMAGE, StreamReader
+from ._usecases import read_all
 
 SCHEMA = "vmtransport-inspect/1"
 

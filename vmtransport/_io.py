@@ -17,7 +17,7 @@ import select
 import stat
 from typing import Final
 
-from ._early import grow_pipe
+from ._buffers import grow_pipe
 from ._errors import TransportError
 from ._transport import Sink, Source, ThreadedSource
 

@@ -1,7 +1,7 @@
 """The package's logger ("vmtransport"), with logging imported on first use.
 
 Importing logging costs ~25 ms here, and a save helper's start-up is time QEMU spends
-blocked (see _pump), so nothing imports it until there is something to log.
+blocked (see _buffers), so nothing imports it until there is something to log.
 """
 
 from __future__ import annotations

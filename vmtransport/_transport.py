@@ -3,12 +3,12 @@
 A transport turns a parsed URI into a *sink* (save direction: QEMU's outgoing stream is
 written into it) or a *source* (restore direction: the stream is read from it).
 
-Blocking rules (docs/semantics.md): sinks block and are driven off the event loop;
-sources are async and never block the trio event loop.
+Blocking rules (docs/semantics.md): sinks block and are driven from a pipeline's writer
+thread, never from an event loop; sources are async and never block the trio event loop
+(or are :class:`ThreadedSource`, read from threads).
 
-Buffers handed to :meth:`Sink.write` and :meth:`Source.readinto` are page aligned
-(mmap) and, except for the last write of a stream, a multiple of 1 MiB long, so
-O_DIRECT transports can use them as they are.
+What a sink is handed is documented on :meth:`Sink.write`; ``tests`` drive every
+built-in path through a sink that enforces it.
 """
 
 from __future__ import annotations
@@ -24,35 +24,61 @@ from ._uri import URI, parse_uri
 class Sink(abc.ABC):
     """Where a stream goes (save direction). Exactly one of commit or abort ends it.
 
-    Methods block and are called from one thread at a time, never from an event
-    loop: QEMU's outgoing channels are blocking too (its migration runs in a thread).
+    ``write``, ``commit``, ``abort`` and ``enable_write_behind`` are called from one
+    thread, the pipeline's writer thread, never from an event loop: they may block
+    (QEMU's outgoing channels are blocking too: its migration runs in a thread). Only
+    :meth:`cancel` comes from another thread.
     """
 
     @abc.abstractmethod
     def write(self, data: memoryview) -> None:
-        """Write all of ``data``. Only the last write may have an unaligned length."""
+        """Write all of ``data``, a non-empty byte view.
+
+        ``data`` may be read-only and is the caller's again when ``write`` returns
+        (unless write-behind is on): copy what you keep. Alignment is a property of
+        the path, not a promise: a save, and a restore or copy of a raw stream, pass
+        the pipeline's own buffers unchanged — page aligned, whole 4 KiB blocks, only
+        the stream's last write shorter; where a restore or copy strips an image's or
+        a libvirt header, or holds back a stream's end, views start and end anywhere.
+        A sink that needs alignment (O_DIRECT) uses aligned data as it is and stages
+        the rest (see ``odirect:``).
+        """
 
     def enable_write_behind(self) -> int:
         """Let ``write`` return while its data is still being written; return how many
         of the latest buffers it may still be reading when ``write`` returns (0: none,
         the default). The caller then changes no buffer before that many further writes
-        returned, or commit or abort did. The pump calls this for buffers it owns."""
+        returned, or commit or abort did. Pipelines call this once, before the first
+        write, for buffers they own; a wrapping sink passes the request on only when
+        it hands ``data`` on unchanged."""
         return 0
 
     @abc.abstractmethod
     def commit(self) -> None:
-        """The stream is complete: make it durable and visible under its final name."""
+        """The stream is complete: make it durable and visible under its final name.
+        If it raises, nothing may be visible under that name; abort follows (so it
+        must be safe after a failed commit)."""
 
     @abc.abstractmethod
     def abort(self) -> None:
-        """The stream failed: undo (remove temporaries, stop children). Never raises."""
+        """The stream failed: undo (remove temporaries, stop children). Never raises.
+        Called after the last write returned: descriptors may be closed here."""
+
+    def cancel(self) -> None:
+        """The run is being cancelled, possibly while a ``write`` or ``commit`` is
+        blocked in the writer thread (this call comes from another thread). Make such
+        a write return soon if the transport can (``exec:`` stops its command) and make
+        sure nothing becomes visible under the final name, but close no descriptor a
+        blocked write may be using: ``abort`` follows from the writer thread. Never
+        raises. The default does nothing."""
+        return None
 
 
 class SeekableSink(Sink):
     """A sink on a file: it can rewrite bytes it wrote before (an image's header).
 
-    ``rewrite`` takes a page-aligned buffer whose length is a multiple of 4096, at a
-    4096-aligned stream offset, so O_DIRECT sinks can use it as it is.
+    ``rewrite`` is always given a page-aligned buffer whose length is a multiple of
+    4096, at a 4096-aligned stream offset, so O_DIRECT sinks can use it as it is.
     """
 
     #: False when this particular target cannot seek after all (a FIFO written in place)
@@ -73,7 +99,12 @@ class Source(abc.ABC):
 
     @abc.abstractmethod
     async def readinto(self, buf: memoryview) -> int:
-        """Read up to ``len(buf)`` bytes into ``buf``; 0 if and only if end of stream."""
+        """Read up to ``len(buf)`` bytes into ``buf``; 0 if and only if end of stream.
+
+        ``buf`` is a writable, non-empty view of one of the pipeline's buffers, from
+        where the previous read into it ended: page aligned, with a length that is a
+        multiple of 4 KiB, while every read so far returned whole blocks. Called from
+        one trio task at a time."""
 
     @abc.abstractmethod
     async def commit(self) -> None:
@@ -94,7 +125,8 @@ class ThreadedSource(Source):
 
     @abc.abstractmethod
     def read_blocking(self, buf: memoryview) -> int:
-        """Blocking read of up to ``len(buf)`` bytes; 0 if and only if end of stream."""
+        """Blocking read of up to ``len(buf)`` bytes; 0 if and only if end of stream.
+        Called from one reader thread (``buf`` as for :meth:`Source.readinto`)."""
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -23,7 +23,7 @@ class _Child:
     """The running command, with a thread teeing its stderr and keeping the tail."""
 
     def __init__(self, cmd: str, label: str, *, stdin: bool) -> None:
-        # Imported here: loading the built-in transports must stay cheap (see _pump).
+        # Imported here: loading the built-in transports must stay cheap (see _buffers).
         import subprocess
         import threading
 
@@ -76,6 +76,14 @@ class _Child:
         if code != 0:
             raise self.failure(code)
 
+    def terminate(self) -> None:
+        """SIGTERM, without waiting (from any thread)."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+        except OSError:
+            pass
+
     def kill(self) -> None:
         import subprocess
 
@@ -113,6 +121,10 @@ class ExecSink(Sink):
     def abort(self) -> None:
         self._out.abort()
         self._child.kill()
+
+    def cancel(self) -> None:
+        # A write blocked on the command's full stdin returns (EPIPE) once it is gone.
+        self._child.terminate()
 
 
 @final

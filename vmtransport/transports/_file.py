@@ -35,6 +35,9 @@ class FileSink(SeekableSink):
     def abort(self) -> None:
         self._target.abort()
 
+    def cancel(self) -> None:
+        self._target.cancel()
+
 
 def open_for_reading(path: str, offset: int, label: str, extra_flags: int = 0) -> int:
     try:

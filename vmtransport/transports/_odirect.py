@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import ClassVar, final
 
 from .. import _log
-from .._early import Worker, aligned_buffer
+from .._buffers import Worker, aligned_buffer
 from .._errors import TransportError
 from .._io import DIRECT_ALIGN, FileSource, drop_cache, io_error, write_all
 from .._transport import SeekableSink, Sink, Source, ThreadedSource, Transport
@@ -102,18 +102,22 @@ class _InFlight:
         if first is not None:
             raise first
 
-    def close(self, timeout: float = 10.0) -> None:
+    def close(self, timeout: float = 10.0) -> bool:
         """Wait (up to ``timeout`` seconds in all) for writes in flight, ignore their
-        errors, and stop the threads."""
+        errors, and stop the threads; False when a write still hangs."""
         end = time.monotonic() + timeout
+        settled = True
         for i in (0, 1):
             try:
                 self._wait(i, max(0.0, end - time.monotonic()))
-            except Exception:  # OSError, or _queue.Empty: a write hangs; leave it
+            except OSError:
                 pass
+            except _queue.Empty:  # a write hangs: leave it
+                settled = False
             self._jobs[i].put(None)
         for worker in self._workers:
-            worker.join(max(0.0, end - time.monotonic()))
+            settled = worker.join(max(0.0, end - time.monotonic())) and settled
+        return settled
 
 
 @final
@@ -251,10 +255,16 @@ class DirectSink(SeekableSink):
         self._t.commit(self._written)
 
     def abort(self) -> None:
+        settled = True
         if self._flight is not None:
-            self._flight.close()
+            settled = self._flight.close()
             self._flight = None
-        self._t.abort()
+        # A write that hangs in a flight thread keeps the descriptor: closing it could
+        # let that write land in whatever file reuses the number.
+        self._t.abort(close=settled)
+
+    def cancel(self) -> None:
+        self._t.cancel()
 
 
 @final

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 
 from .._errors import TransportError
 from .._io import drop_cache, io_error
@@ -29,6 +30,8 @@ class AtomicTarget:
         self.in_place: bool | None = None  # devices and FIFOs are written in place
         self.rewritable = True  # can pwrite what it wrote before (an image header)
         self.fd = -1
+        self._cancelled = False
+        self._naming = threading.Lock()  # cancel() against commit's naming steps
 
     def open(self) -> int:
         parent = self.parent
@@ -133,13 +136,16 @@ class AtomicTarget:
             except OSError as exc:
                 if exc.errno not in (errno.EINVAL, errno.EROFS):
                     raise
-            if self.in_place is False and self.tmp is None:
-                self._link_anonymous()
-            os.close(self.fd)
-            self.fd = -1
-            if self.tmp is not None:
-                os.rename(self.tmp, self.path)
-                self.tmp = None
+            with self._naming:  # a cancel() from now on comes too late
+                if self._cancelled:
+                    raise OSError(errno.ECANCELED, "cancelled")
+                if self.in_place is False and self.tmp is None:
+                    self._link_anonymous()
+                os.close(self.fd)
+                self.fd = -1
+                if self.tmp is not None:
+                    os.rename(self.tmp, self.path)
+                    self.tmp = None
                 dfd = os.open(self.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 try:
                     os.fsync(dfd)
@@ -167,9 +173,23 @@ class AtomicTarget:
             os.close(procfd)
         raise TransportError(f"cannot name the temporary file beside {self.path}")
 
-    def abort(self) -> None:
-        """Remove the temporary; the final name is untouched. Never raises."""
-        if self.fd >= 0:
+    def cancel(self) -> None:
+        """From another thread, maybe while a write or commit runs: the temporary will
+        never be renamed into place, and loses its name now (the descriptor stays open
+        for the writer, who aborts). Never raises."""
+        with self._naming:
+            self._cancelled = True
+            if self.tmp is not None and self.fd >= 0:
+                try:
+                    os.unlink(self.tmp)
+                except OSError:
+                    pass
+                self.tmp = None
+
+    def abort(self, *, close: bool = True) -> None:
+        """Remove the temporary; the final name is untouched. Never raises. With
+        ``close=False`` the descriptor is left open (a write to it may still hang)."""
+        if close and self.fd >= 0:
             try:
                 os.close(self.fd)
             except OSError:

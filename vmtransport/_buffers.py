@@ -157,7 +157,7 @@ class BlockingReader:
     ``error``). ``read`` is called for every few KiB QEMU writes, so it should be a bare
     C method (``FileIO.readinto``, see :func:`fd_reader`); an OSError from it becomes a
     TransportError naming ``label``. With ``magic``, a stream whose first bytes differ
-    is not read any further (:meth:`first_bytes` shows them).
+    is not read any further (:attr:`head` shows them, and the stream ends there).
 
     ``at=(pread, start, end)`` instead reads the bytes ``start:end`` of a file with
     ``pread(buf, pos)``, ``depth`` buffers at once (``read`` is then unused): one O_DIRECT
@@ -191,7 +191,7 @@ class BlockingReader:
             raise ValueError("BlockingReader: a checksum needs sequential reads")
         self.checksum = Checksum() if checksum else None
         self._read = read
-        self._magic = magic
+        self.magic = magic  #: what the stream must start with (b"": anything)
         self.label = label
         self._size = buffer_size
         self.pool = [aligned_buffer(buffer_size) for _ in range(buffers)]
@@ -201,9 +201,6 @@ class BlockingReader:
             self.free.put(b)
         self.error: BaseException | None = None
         self.head = b""  #: the stream's first bytes (up to HEAD), for a magic check
-        self._head_known = _thread.allocate_lock()  # held until head is complete or final
-        self._head_known.acquire()
-        self._head_released = False
         self._done = False  # stop(), or the end reached (parallel reads)
         if at is None:
             self._threads = 1
@@ -220,13 +217,8 @@ class BlockingReader:
         for i in range(self._threads):
             _thread.start_new_thread(self._run_at, (i, *at))
 
-    def _head_done(self) -> None:  # the reader thread's alone
-        if not self._head_released:
-            self._head_released = True
-            self._head_known.release()
-
     def _run(self) -> None:
-        read, size, magic = self._read, self._size, self._magic
+        read, size, magic = self._read, self._size, self.magic
         try:
             eof = False
             while not eof:
@@ -250,9 +242,7 @@ class BlockingReader:
                         if len(self.head) < self.HEAD:
                             self.head += bytes(view[n : n + min(k, self.HEAD - len(self.head))])
                             if magic and not magic.startswith(self.head):
-                                return  # junk: first_bytes() shows it, the caller refuses
-                            if len(self.head) == self.HEAD:
-                                self._head_done()
+                                return  # junk: ``head`` shows it, and the consumer refuses it
                         n += k
                     if checksum is not None and n > hashed:
                         checksum.update(view[hashed:n])
@@ -263,7 +253,6 @@ class BlockingReader:
         except BaseException as exc:
             self._fail(exc)
         finally:
-            self._head_done()
             self.full.put(None)
 
     def _run_at(
@@ -308,12 +297,10 @@ class BlockingReader:
                         self._done = True
                         if error is not None:
                             self._fail(error)
-                        self._head_done()
                         self.full.put(None)
                         return
                     if k == 0:
                         self.head = bytes(buf[: min(n, self.HEAD)])
-                        self._head_done()
                     self.full.put((buf, n))
                 finally:
                     after.release()
@@ -328,12 +315,6 @@ class BlockingReader:
             self.error = io_error(f"reading {self.label}", exc)
         else:
             self.error = exc
-
-    def first_bytes(self) -> bytes:
-        """Wait for the stream's first HEAD bytes (fewer at its end, or once they are
-        not ``magic``'s) and return them."""
-        with self._head_known:
-            return self.head
 
     def stop(self) -> None:
         """Stop at the next buffer boundary (a read in progress is left to finish)."""
@@ -382,9 +363,14 @@ def save_reader(fd: int) -> BlockingReader:
     return BlockingReader(fd_reader(fd), label="stdin", magic=b"QEVM", checksum=True)
 
 
-def source_reader(source: ThreadedSource, label: str) -> BlockingReader:
+def source_reader(
+    source: ThreadedSource, label: str, buffer_size: int = BUFFER_SIZE, buffers: int = BUFFERS
+) -> BlockingReader:
     """A started reader of a blocking source: several reads at once where it allows."""
-    return BlockingReader(source.read_blocking, label=label, at=source.parallel_reads())
+    return BlockingReader(
+        source.read_blocking, label=label, at=source.parallel_reads(),
+        buffer_size=buffer_size, buffers=buffers,
+    )  # fmt: skip
 
 
 def close_pool(pool: list[mmap.mmap]) -> None:
