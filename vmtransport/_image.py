@@ -207,7 +207,9 @@ class ImageWriter(StreamWriter):
         self.metadata = metadata  #: the caller's part; may change until commit
         self._checksum = Checksum()
         self._hashes = True  # write() updates the checksum (see use_checksum)
-        self._put_header(ImageHeader(STATE_PARTIAL, 0, b"", 0, {}), first=True)
+        # The "partial" header goes out with the first write, from the thread that
+        # writes the stream: a sink is driven from one thread.
+        self._headed = False
 
     def _put_header(self, header: ImageHeader, *, first: bool = False) -> None:
         # No explicit release/close: if the write fails (or a signal's exception lands in
@@ -231,6 +233,9 @@ class ImageWriter(StreamWriter):
         self._check(data)
         if self._hashes:
             self._checksum.update(data)
+        if not self._headed:
+            self._put_header(ImageHeader(STATE_PARTIAL, 0, b"", 0, {}), first=True)
+            self._headed = True
         self._inner.write(data)
 
     def commit(self) -> None:
