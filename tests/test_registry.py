@@ -1,5 +1,7 @@
-"""The registry: built-ins through the plugin hook, and a real third-party plugin found
-through the ``vmtransport`` entry-point group of an installed distribution.
+"""The registry: built-ins through the plugin hook, called through pluggy's hook caller
+(wrappers, tracing, blocking), a transport wrapping another through its own registry, and
+a real third-party plugin found through the ``vmtransport`` entry-point group of an
+installed distribution.
 
 The plugin modules live in tests/plugin_fixture/. Each test "installs" one by writing a
 ``*.dist-info`` directory beside a copy of the module and putting that directory on
@@ -14,15 +16,17 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import final
 
+import pluggy
 import pytest
 from test_transports import qemu_stream
 
 import vmtransport
-from vmtransport import PluginError, Registry, Transport, URIError
+from vmtransport import PluginError, Registry, Sink, Source, Transport, URIError
 from vmtransport.transports import ExecTransport, FdTransport, FileTransport, ODirectTransport
 from vmtransport.transports import _builtin as builtin_transports
 
@@ -187,16 +191,6 @@ def test_extra_module_claiming_a_builtin_scheme() -> None:
     assert "'clash_vmt_plugin' (registered in code)" in msg
 
 
-def test_plugin_returning_something_else() -> None:
-    class Bad:
-        @vmtransport.hookimpl
-        def vmtransport_transports(self) -> Sequence[object]:
-            return [int]
-
-    with pytest.raises(PluginError, match=r"plugin 'extra-0' returned <class 'int'>, not a Tr"):
-        Registry(entry_points=False, extra=(Bad(),))
-
-
 def test_plugin_with_a_misspelled_hook() -> None:
     class Typo:
         @vmtransport.hookimpl
@@ -209,26 +203,248 @@ def test_plugin_with_a_misspelled_hook() -> None:
     assert "unknown hook 'vmtransport_transport'" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("returned", "error"),
+    [
+        ([int], r"plugin 'extra-0' returned <class 'int'>, not a Transport"),
+        (FileTransport, r"plugin 'extra-0' returned <class '.*FileTransport'>, not a sequence"),
+        ("file", r"plugin 'extra-0' returned 'file', not a sequence of Transports"),
+    ],
+)
+def test_plugin_returning_something_else(returned: object, error: str) -> None:
+    class Bad:
+        @vmtransport.hookimpl
+        def vmtransport_transports(self) -> object:
+            return returned
+
+    with pytest.raises(PluginError, match=error):
+        Registry(entry_points=False, extra=(Bad(),))
+
+
+def test_plugin_whose_hook_raises() -> None:
+    class Broken:
+        @vmtransport.hookimpl
+        def vmtransport_transports(self) -> Sequence[type[Transport]]:
+            raise RuntimeError("libzstd.so.1: cannot open shared object file")
+
+    with pytest.raises(PluginError) as info:
+        Registry(entry_points=False, extra=(Broken(),))
+    assert str(info.value) == (
+        "plugin 'extra-0': vmtransport_transports() failed: "
+        "libzstd.so.1: cannot open shared object file"
+    )
+
+
+# --- pluggy's hook caller: wrappers, tracing, monitoring, blocking ------------------------
+
+
+def test_hook_wrapper_sees_filters_and_augments_each_plugins_transports() -> None:
+    demo = load_fixture("demo_vmt_plugin")
+    seen: list[tuple[str, list[str]]] = []
+    Results = list[Sequence[type[Transport]]]
+
+    class Wrapper:  # hides exec:, and adds wrap: beside the demo plugin's transports
+        @vmtransport.hookimpl(wrapper=True)
+        def vmtransport_transports(self, plugin_name: str) -> Generator[None, Results, Results]:
+            results = yield
+            seen.append((plugin_name, [cls.scheme for result in results for cls in result]))
+            kept: Results = [[c for c in result if c.scheme != "exec"] for result in results]
+            if plugin_name == "demo_vmt_plugin":
+                kept.append([WrapTransport])
+            return kept
+
+    reg = Registry(entry_points=False, extra=(Wrapper(), demo))
+    # Called once per providing plugin (never for the wrapper's own plugin), in order.
+    assert seen == [
+        ("builtin", ["file", "odirect", "fd", "exec"]),
+        ("demo_vmt_plugin", ["xor"]),
+    ]
+    assert [i.scheme for i in reg] == ["fd", "file", "odirect", "wrap", "xor"]
+    assert reg.info("wrap").plugin == "demo_vmt_plugin"  # what the wrapped call returned
+    assert reg.info("wrap").origin == "registered in code"
+    assert reg.info("file").plugin == "builtin"
+    with pytest.raises(URIError, match="unknown scheme 'exec'"):
+        reg.resolve("exec:true")
+
+
+def test_hook_calls_are_traced_and_monitored() -> None:
+    pm = pluggy.PluginManager("vmtransport")
+    lines: list[str] = []
+    pm.trace.root.setwriter(lines.append)
+    pm.enable_tracing()
+    calls: list[tuple[str, object, list[str | None]]] = []
+    pm.add_hookcall_monitoring(
+        lambda hook, impls, kwargs: calls.append(
+            (hook, kwargs["plugin_name"], [pm.get_name(i.plugin) for i in impls])
+        ),
+        lambda outcome, hook, impls, kwargs: None,
+    )
+    demo = load_fixture("demo_vmt_plugin")
+    reg = Registry(entry_points=False, extra=(demo,), plugin_manager=pm)
+    assert reg.plugin_manager is pm
+    assert "xor" in reg
+    assert calls == [
+        ("vmtransport_transports", "builtin", ["builtin"]),
+        ("vmtransport_transports", "demo_vmt_plugin", ["demo_vmt_plugin"]),
+    ]
+    trace = "".join(lines)
+    assert trace.count("vmtransport_transports [hook]") == 2
+    assert "plugin_name: builtin" in trace
+    assert "plugin_name: demo_vmt_plugin" in trace
+    assert "finish vmtransport_transports --> [[<class 'demo_vmt_plugin.XorTransport'>]]" in trace
+
+
+def test_plugin_manager_of_another_project() -> None:
+    with pytest.raises(ValueError, match="plugin manager of project 'pytest', not 'vmtransport'"):
+        Registry(plugin_manager=pluggy.PluginManager("pytest"))
+
+
+def test_builtins_cannot_be_blocked(monkeypatch: pytest.MonkeyPatch) -> None:
+    pm = pluggy.PluginManager("vmtransport")
+    pm.set_blocked("builtin")
+    with pytest.raises(PluginError, match="the built-in transports cannot be blocked"):
+        Registry(entry_points=False, plugin_manager=pm)
+    for value in ("builtin", "all"):
+        monkeypatch.setenv("VMTRANSPORT_DISABLE_PLUGINS", value)
+        reg = Registry()
+        assert not reg.plugin_manager.is_blocked("builtin")
+        assert [i.scheme for i in reg if i.plugin == "builtin"] == BUILTIN_SCHEMES
+
+
+# --- a transport wrapping another, through the registry that resolved it -------------------
+
+_FLIP = bytes(b ^ 0xA5 for b in range(256))
+
+
+@final
+class WrapSink(Sink):
+    def __init__(self, inner: Sink) -> None:
+        self._inner = inner
+
+    def write(self, data: memoryview) -> None:
+        self._inner.write(memoryview(bytes(data).translate(_FLIP)))
+
+    def commit(self) -> None:
+        self._inner.commit()
+
+    def abort(self) -> None:
+        self._inner.abort()
+
+
+@final
+class WrapSource(Source):
+    def __init__(self, inner: Source) -> None:
+        self._inner = inner
+
+    async def readinto(self, buf: memoryview) -> int:
+        n = await self._inner.readinto(buf)
+        buf[:n] = bytes(buf[:n]).translate(_FLIP)
+        return n
+
+    async def commit(self) -> None:
+        await self._inner.commit()
+
+    async def abort(self) -> None:
+        await self._inner.abort()
+
+
+@final
+class WrapTransport(Transport):
+    """``wrap:INNER-URI``: the inner transport's stream with every byte XORed with 0xA5."""
+
+    scheme = "wrap"
+    summary = "test: XORs the stream of the transport it wraps"
+    raw_target = True
+
+    def __init__(self, uri: vmtransport.URI) -> None:
+        super().__init__(uri)
+        self.inner = self.registry.resolve(uri.target)
+
+    def open_sink(self) -> Sink:
+        return WrapSink(self.inner.open_sink())
+
+    async def open_source(self) -> Source:
+        return WrapSource(await self.inner.open_source())
+
+
+class WrapPlugin:
+    @vmtransport.hookimpl
+    def vmtransport_transports(self) -> Sequence[type[Transport]]:
+        return [WrapTransport]
+
+
+async def test_wrapping_transport_resolves_its_inner_uri_through_its_registry(
+    tmp_path: Path,
+) -> None:
+    demo = load_fixture("demo_vmt_plugin")
+    reg = Registry(entry_points=False, extra=(demo, WrapPlugin()))
+    assert reg is not vmtransport.get_registry()
+    assert "xor" not in vmtransport.get_registry()  # only this registry knows the inner one
+    path = tmp_path / "vm.xor"
+    uri = f"wrap:xor:{path}"
+    t = reg.resolve(uri)
+    assert isinstance(t, WrapTransport)
+    assert t.registry is reg
+    assert isinstance(t.inner, demo.XorTransport)
+    assert t.inner.registry is reg
+    payload = os.urandom(300_000)
+    sink = t.open_sink()
+    sink.write(memoryview(payload)[:200_000])
+    sink.write(memoryview(payload)[200_000:])
+    sink.commit()
+    assert path.read_bytes() == bytes(b ^ 0x5A ^ 0xA5 for b in payload)  # both XORs
+    source = await reg.resolve(uri).open_source()
+    buf = bytearray(len(payload) + 1)
+    got = 0
+    while n := await source.readinto(memoryview(buf)[got:]):
+        got += n
+    await source.commit()
+    assert bytes(buf[:got]) == payload
+    # Nested: wrap:wrap: XORs twice with 0xA5, leaving only xor:'s 0x5A in the file.
+    twice = reg.resolve(f"wrap:wrap:xor:{tmp_path / 'twice.xor'}")
+    sink = twice.open_sink()
+    sink.write(memoryview(payload))
+    sink.commit()
+    assert (tmp_path / "twice.xor").read_bytes() == bytes(b ^ 0x5A for b in payload)
+    # A bad inner URI fails the wrapper's construction, naming the inner URI.
+    with pytest.raises(URIError, match=r"unknown scheme 'nfs' in URI 'nfs:/x' \(known: "):
+        reg.resolve("wrap:nfs:/x")
+    # Constructed directly (even after those failures), a transport gets the process
+    # registry, which lacks xor:.
+    with pytest.raises(URIError, match="unknown scheme 'xor'"):
+        WrapTransport(WrapTransport.parse(uri))
+    assert FileTransport(FileTransport.parse("file:/x")).registry is vmtransport.get_registry()
+
+
 # --- entry points, in-process ------------------------------------------------------------------
 
 
 def test_entry_point_in_process(
     demo_site: Path, on_sys_path: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("VMTRANSPORT_DISABLE_PLUGINS", raising=False)
     monkeypatch.syspath_prepend(str(demo_site))
     on_sys_path.append(demo_site)
+    # Disabled: a name blocked in pluggy's plugin manager, whose module is never imported.
+    for value in ("other, demo", "all"):
+        monkeypatch.setenv("VMTRANSPORT_DISABLE_PLUGINS", value)
+        reg = Registry()
+        assert reg.plugin_manager.is_blocked("demo")
+        assert reg.plugin_manager.get_plugin("demo") is None
+        assert [i.scheme for i in reg] == BUILTIN_SCHEMES
+        assert "demo_vmt_plugin" not in sys.modules
+    monkeypatch.delenv("VMTRANSPORT_DISABLE_PLUGINS")
+    pm = pluggy.PluginManager("vmtransport")
+    pm.set_blocked("demo")  # blocked by the caller, the pluggy way
+    assert "xor" not in Registry(plugin_manager=pm)
+    assert "demo_vmt_plugin" not in sys.modules
+
     reg = Registry()
+    assert not reg.plugin_manager.is_blocked("demo")
     info = reg.info("xor")
     assert info.plugin == "demo"
     assert info.origin == "entry point demo (demo-plugin 1.0)"
     assert reg.plugin_manager.get_plugin("demo") is sys.modules["demo_vmt_plugin"]
     assert "xor" not in Registry(entry_points=False)
-
-    monkeypatch.setenv("VMTRANSPORT_DISABLE_PLUGINS", "other, demo")
-    assert "xor" not in Registry()
-    monkeypatch.setenv("VMTRANSPORT_DISABLE_PLUGINS", "all")
-    assert [i.scheme for i in Registry()] == BUILTIN_SCHEMES
 
 
 # --- entry points, through the real command ----------------------------------------------------

@@ -26,9 +26,21 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def vmtransport_transports() -> Sequence[type[Transport]]:  # type: ignore[empty-body]
+def vmtransport_transports(  # type: ignore[empty-body]
+    plugin_name: str,
+) -> Sequence[type[Transport]]:
     """Return the :class:`~vmtransport.Transport` subclasses this plugin provides.
 
     Each class's ``scheme`` must be unique across all plugins: a scheme claimed twice is
     an error naming both plugins.
+
+    The registry calls this hook once per plugin implementing it, through pluggy's hook
+    caller restricted to that plugin's implementation and every hook wrapper
+    (``pm.subset_hook_caller``), so that each scheme is attributed to the plugin that
+    provided it. ``plugin_name`` is that plugin's registered name; an implementation
+    may leave it out of its signature, as pluggy passes only the arguments named.
+
+    A hook wrapper (``@hookimpl(wrapper=True)``) is run around each of these calls: it
+    receives the list of results (that plugin's one sequence), and what it returns,
+    filtered, replaced or added to, is what the registry takes from ``plugin_name``.
     """

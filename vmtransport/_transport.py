@@ -14,11 +14,15 @@ built-in path through a sink that enforces it.
 from __future__ import annotations
 
 import abc
+from _thread import get_ident
 from collections.abc import Callable, Mapping
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from ._errors import URIError
 from ._uri import URI, parse_uri
+
+if TYPE_CHECKING:
+    from ._registry import Registry
 
 
 class Sink(abc.ABC):
@@ -151,10 +155,22 @@ class ThreadedSource(Source):
         self.close()
 
 
+#: thread id -> the registry whose ``resolve`` is constructing a transport in it (see
+#: Transport.registry). resolve never awaits, so per thread is per context: importing
+#: contextvars would cost the save helper start-up time.
+_resolving: dict[int, Registry] = {}
+
+
 class Transport(abc.ABC):
     """One URI scheme. Subclasses set :attr:`scheme` and :attr:`options`.
 
     Constructing a transport validates the URI (no I/O); opening does the I/O.
+
+    :attr:`registry` is the :class:`~vmtransport.Registry` whose ``resolve`` built the
+    transport (the process one, :func:`~vmtransport.get_registry`, for a transport
+    constructed directly). A transport wrapping another (``zstd:odirect:/x.sav``) resolves
+    its inner URI with ``self.registry.resolve(...)``, from ``__init__`` once
+    ``super().__init__(uri)`` returned, so that a bad inner URI fails construction too.
     """
 
     scheme: ClassVar[str]
@@ -166,6 +182,7 @@ class Transport(abc.ABC):
     raw_target: ClassVar[bool] = False
     #: what a save writes: "image" (vmtransport image; needs a SeekableSink) or "raw"
     save_format: str = "raw"
+    _registry: Registry | None = None
 
     def __init__(self, uri: URI) -> None:
         if uri.scheme != self.scheme:
@@ -175,6 +192,16 @@ class Transport(abc.ABC):
                 known = ", ".join(sorted(self.options)) or "none"
                 raise URIError(f"unknown option {key!r} in URI {str(uri)!r} (known: {known})")
         self.uri = uri
+        self._registry = _resolving.get(get_ident())
+
+    @property
+    def registry(self) -> Registry:
+        """The registry that resolved this transport's URI."""
+        if self._registry is None:
+            from ._registry import get_registry
+
+            self._registry = get_registry()
+        return self._registry
 
     @classmethod
     def parse(cls, text: str) -> URI:

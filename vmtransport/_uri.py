@@ -18,10 +18,6 @@ _SCHEME = re.compile(r"[a-z][a-z0-9+.\-]*\Z")
 _KEY = re.compile(r"[a-z][a-z0-9_\-]*\Z")
 
 
-def _frozen(d: Mapping[str, str]) -> Mapping[str, str]:
-    return MappingProxyType(dict(d))
-
-
 @final
 class URI:
     """A parsed transport URI: immutable; ``options`` is a read-only mapping."""
@@ -37,7 +33,7 @@ class URI:
     ) -> None:
         for k, v in (("scheme", scheme), ("target", target), ("text", text)):
             object.__setattr__(self, k, v)
-        object.__setattr__(self, "options", _frozen(options or {}))
+        object.__setattr__(self, "options", MappingProxyType(dict(options or {})))
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"URI is immutable: cannot set {name!r}")
@@ -99,7 +95,7 @@ def parse_uri(text: str, *, raw: bool = False) -> URI:
     if raw:
         if not rest.strip():
             raise URIError(f"empty target in URI {text!r}")
-        return URI(scheme, rest, _frozen({}), text)
+        return URI(scheme, rest, text=text)
     parts = list(_segments(rest))
     target, opts = parts[0], parts[1:]
     if not target:
@@ -112,4 +108,4 @@ def parse_uri(text: str, *, raw: bool = False) -> URI:
         if key in options:
             raise URIError(f"option {key!r} given twice in URI {text!r}")
         options[key] = value
-    return URI(scheme, target, _frozen(options), text)
+    return URI(scheme, target, options, text)
