@@ -199,8 +199,18 @@ class Pipeline:
             self._finished.release()
         except BaseException:
             self.cancel()
+            if self.finished:
+                self._close_threaded_source()
             raise
+        self._close_threaded_source()
         return self._outcome()
+
+    def _close_threaded_source(self) -> None:
+        # Only once the writer has ended: the reader threads are stopped by then (a read
+        # still in flight fails on the closed descriptor, harmlessly: pread moves no
+        # offset). After a cancel that left the writer stuck, the source stays open.
+        if isinstance(self.source, ThreadedSource):
+            self.source.close()
 
     async def run_async(self) -> PumpStats:
         """Run to the end from a trio task; cancelling the task cancels the run (it

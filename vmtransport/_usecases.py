@@ -131,7 +131,9 @@ def refuse(pipeline: RestorePipeline) -> None:
     import select
 
     try:  # never block on a consumer that stopped reading
-        if is_pollable(fd) and select.select([], [fd], [], 0)[1]:
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        if is_pollable(fd) and poller.poll(0):
             os.write(fd, REFUSED)
     except OSError:
         pass
