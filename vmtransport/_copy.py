@@ -1,5 +1,5 @@
 """The use cases: save (stdin -> URI), restore (URI -> stdout), copy (URI -> URI),
-inspect and verify. Each wraps the transports' sinks in the image layer (_image)."""
+inspect and verify. Each wraps the transports' sinks in the image layer (image)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Final
 
 from ._early import BlockingReader, save_reader, source_reader
 from ._errors import StreamError, TransportError, UsageError
-from ._image import QEMU_MAGIC, ImageWriter, NullSink, StreamReader, hash_as_read, save_sink
-from ._io import FdSink, is_pollable
+from ._io import FdSink, NullSink, is_pollable
 from ._pump import EarlySave, EarlySource, PumpStats, pump, pump_blocking, run_trio
 from ._registry import get_registry
 from ._transport import Sink, Source, Transport
+from .image import QEMU_MAGIC, ImageWriter, VerifyingReader, hash_as_read, save_sink
 
 
 async def open_source(uri: str) -> Source:
@@ -104,26 +104,26 @@ async def copy(src: str, dst: str, *, name: str | None = None) -> PumpStats:
     except BaseException:
         await source.abort()
         raise
-    return await pump(source, StreamReader(sink, src))
+    return await pump(source, VerifyingReader(sink, src))
 
 
 def _reader_pump(
     transport: Transport, out: Sink, *, inspect: bool = False, early: EarlySource | None = None
-) -> tuple[PumpStats, StreamReader]:
-    """Run the transport's stream through a StreamReader into ``out``: threads for
+) -> tuple[PumpStats, VerifyingReader]:
+    """Run the transport's stream through a VerifyingReader into ``out``: threads for
     file-backed sources, trio otherwise. ``early``: maybe the same source, opened and
     going out to ``out`` already (it is used or discarded)."""
     if early is not None:
         if type(transport) is early.transport:
             stream = early.writer.sink
-            assert isinstance(stream, StreamReader)
+            assert isinstance(stream, VerifyingReader)
             try:
                 return pump_blocking(early.writer.reader, stream, early=early.writer), stream
             finally:
                 early.source.close()
         early.discard()  # cannot happen: a plugin claiming file: is a registry error
         raise TransportError(f"{transport.uri}: the registry disagrees with the built-in transport")
-    reader = StreamReader(out, str(transport.uri), inspect=inspect)
+    reader = VerifyingReader(out, str(transport.uri), inspect=inspect)
     source = transport.open_threaded_source()
     if source is not None:
         try:
@@ -175,10 +175,10 @@ async def restore(uri: str, fd: int = 1) -> PumpStats:
     """Restore ``uri`` to ``fd`` (stdout) from a trio task."""
     transport = get_registry().resolve(uri)
     source = await transport.open_source()
-    return await pump(source, StreamReader(FdSink(fd, "stdout", close=False), uri))
+    return await pump(source, VerifyingReader(FdSink(fd, "stdout", close=False), uri))
 
 
-def read_all(uri: str) -> StreamReader:
+def read_all(uri: str) -> VerifyingReader:
     """Read the whole image or stream at ``uri`` and describe it (inspect, verify)."""
     return _reader_pump(get_registry().resolve(uri), NullSink(), inspect=True)[1]
 

@@ -378,7 +378,7 @@ class Worker:
 
 def save_reader(fd: int) -> BlockingReader:
     """A started reader of a save's stream on ``fd`` (stdin): checks QEMU's magic, and
-    checksums as it reads, for the image (see ``_image.hash_as_read``)."""
+    checksums as it reads, for the image (see ``image.hash_as_read``)."""
     return BlockingReader(fd_reader(fd), label="stdin", magic=b"QEVM", checksum=True)
 
 

@@ -129,6 +129,19 @@ class FdSource(Source):
             pass
 
 
+class NullSink(Sink):
+    """Discards the stream (inspect, verify)."""
+
+    def write(self, data: memoryview) -> None:
+        pass
+
+    def commit(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
 class FdSink(Sink):
     """Blocking writes to an fd (from the pump's writer thread).
 

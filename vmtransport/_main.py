@@ -61,8 +61,8 @@ def _early_save(argv: list[str], reader: BlockingReader) -> EarlySave | None:
     cls = _builtin_file_transport(uri) if uri is not None else None
     if uri is None or cls is None:
         return None
-    from ._image import hash_as_read, save_sink
     from ._pump import EarlySave, EarlyWriter
+    from .image import hash_as_read, save_sink
 
     try:
         sink = save_sink(cls(cls.parse(uri)), None)
@@ -103,13 +103,12 @@ def _early_restore(argv: list[str]) -> EarlySource | None:
 
     import xxhash  # noqa: F401
 
-    from . import _libvirt_image  # noqa: F401
-    from ._image import StreamReader
     from ._io import FdSink
     from ._pump import EarlySource, EarlyWriter
+    from .image import VerifyingReader, _libvirt  # noqa: F401  (_libvirt: its header)
 
     out = FdSink(1, "stdout", close=False)
-    return EarlySource(cls, source, out, EarlyWriter(reader, StreamReader(out, uri)))
+    return EarlySource(cls, source, out, EarlyWriter(reader, VerifyingReader(out, uri)))
 
 
 def main() -> int:

@@ -147,7 +147,7 @@ class EarlySource(NamedTuple):
     transport: type[Transport]
     source: ThreadedSource
     out: FdSink  #: stdout
-    writer: EarlyWriter  #: its sink: the StreamReader in front of ``out``
+    writer: EarlyWriter  #: its sink: the VerifyingReader in front of ``out``
 
     def discard(self) -> None:
         _discard(self.writer)

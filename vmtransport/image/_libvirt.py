@@ -20,7 +20,7 @@ import struct
 import sys
 from typing import Final, Literal, NamedTuple, final
 
-from ._errors import StreamError
+from .._errors import StreamError
 
 __all__ = [
     "FORMATS",
