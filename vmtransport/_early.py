@@ -17,6 +17,8 @@ import mmap
 import os
 import stat
 
+from ._errors import io_error  # no imports of its own
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -323,8 +325,6 @@ class BlockingReader:
 
     def _fail(self, exc: BaseException) -> None:
         if isinstance(exc, OSError):
-            from ._io import io_error
-
             self.error = io_error(f"reading {self.label}", exc)
         else:
             self.error = exc

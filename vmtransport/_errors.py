@@ -53,6 +53,13 @@ class Interrupted(VMTransportError):
     """A signal (SIGTERM, SIGINT, SIGHUP) stopped the work; half-written output is gone."""
 
 
+def io_error(what: str, exc: OSError) -> TransportError:
+    """The TransportError for a failed system call: ``what`` names the input and the
+    action (``"reading file:/x"``), the reason is the OS's."""
+    reason = exc.strerror or str(exc)
+    return TransportError(f"{what}: {reason}")
+
+
 def _raise_interrupted(signum: int, frame: object) -> None:
     import signal
 

@@ -18,7 +18,7 @@ import stat
 from typing import Final
 
 from ._early import grow_pipe
-from ._errors import TransportError
+from ._errors import io_error
 from ._transport import Sink, Source, ThreadedSource
 
 #: alignment for O_DIRECT buffers, lengths and offsets (covers 512 and 4096-byte sectors)
@@ -49,11 +49,6 @@ class _NonBlocking:
             fcntl.fcntl(self.fd, fcntl.F_SETFL, self._saved)
         except OSError:
             pass
-
-
-def io_error(what: str, exc: OSError) -> TransportError:
-    reason = exc.strerror or str(exc)
-    return TransportError(f"{what}: {reason}")
 
 
 class FileSource(ThreadedSource):

@@ -6,8 +6,8 @@ import errno
 import os
 import stat
 
-from .._errors import TransportError
-from .._io import drop_cache, io_error
+from .._errors import TransportError, io_error
+from .._io import drop_cache
 
 
 class AtomicTarget:
