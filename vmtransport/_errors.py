@@ -70,7 +70,7 @@ def interrupt_on_signals() -> None:
     """Make SIGTERM, SIGINT and SIGHUP raise :class:`Interrupted` in the main thread, so
     that the code they land in aborts its sinks (no half-written output is kept)."""
     # _signal, not signal: the save helper calls this before its reader starts, and
-    # signal's import pulls in enum (~10 ms while QEMU waits on a full pipe).
+    # signal's import pulls in enum, while QEMU waits on a full pipe (docs/performance.md).
     if TYPE_CHECKING:
         import signal as _signal
     else:

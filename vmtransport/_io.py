@@ -5,7 +5,8 @@ event loop (``wait_readable``); regular files and block devices ignore O_NONBLOC
 they are read from worker threads. Sinks block (the pump calls them off any event loop).
 
 trio is imported where it is first used, not here: a save helper never needs it, and
-importing it takes ~0.35 s here — time QEMU would spend blocked on a full pipe.
+its import is the slowest the package makes (docs/performance.md) — time QEMU would
+spend blocked on a full pipe.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ class FdSink(Sink):
     the open file description) is waited on with poll instead of failing with EAGAIN.
     Regular files are fdatasync'ed on commit (EINVAL/EROFS mean "cannot sync": ignored).
     Writes stay synchronous: a write-behind thread for pipes (QEMU's restore channel)
-    measured no faster here, and slower in 9 of 12 paired rounds (see performance.md).
+    measured no faster, and mostly slower (see docs/performance.md).
     """
 
     def __init__(self, fd: int, label: str, *, close: bool = True) -> None:

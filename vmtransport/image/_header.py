@@ -119,6 +119,6 @@ class ImageHeader(NamedTuple):
 
 
 def _json_bytes(obj: dict[str, Any]) -> bytes:
-    import json  # not at import time: every helper start counts (see _pump)
+    import json  # not at import time: every helper start counts
 
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()

@@ -121,7 +121,7 @@ def _text(raw: bytes, what: str) -> str:
 
 def _domain_name(xml: str) -> str | None:
     # Imported here: every restore checks for libvirt's magic, and ElementTree (with
-    # pyexpat) would otherwise hold up the first byte QEMU gets by tens of ms.
+    # pyexpat) would otherwise hold up the first byte QEMU gets (docs/performance.md).
     import xml.etree.ElementTree as ET
 
     try:

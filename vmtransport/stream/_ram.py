@@ -47,8 +47,8 @@ _NIBBLE: Final = bytes(0 if c & 0x0F == 0 else 1 for c in range(256))
 def _run_length(mv: memoryview, pos: int, end: int, stride: int, low: int, limit: int) -> int:
     """How many records of `stride` bytes from pos on are CONTINUE records with flags
     `low`, an offset below `limit` and (zero pages) fill byte 0; 0 if fewer than
-    _BATCH_MIN. A per-record Python loop costs several hundred ns per page; this costs
-    a few dozen."""
+    _BATCH_MIN. A per-record Python loop costs several times more per record (see
+    docs/performance.md)."""
     total = 0
     want = _PROBE
     while total < _BATCH_MAX:

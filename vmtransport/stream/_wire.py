@@ -20,7 +20,6 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-QEMU_VM_FILE_MAGIC: Final = 0x5145564D
 QEMU_VM_FILE_VERSION: Final = 3
 MAGIC: Final = b"QEVM"
 
