@@ -55,7 +55,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from qemuvm import VM, files_equal, find_qemus, make_ram_file, qemu_version  # noqa: E402
 
-from vmtransport._pagecache import cached_bytes  # noqa: E402
+from vmtransport.testing import cached_bytes  # noqa: E402
 
 # The interpreter itself, not a pyenv shim: -S -I keeps its start-up near 30 ms.
 LIMITS = f"{sys.executable} -S -I {HERE / 'limits.py'}"

@@ -30,7 +30,7 @@ from qemuvm import (
     qemu_version,
 )
 
-from vmtransport._pagecache import cached_bytes
+from vmtransport.testing import cached_bytes
 
 VMT = Path(sys.executable).parent / "vmtransport"
 

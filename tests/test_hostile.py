@@ -33,7 +33,7 @@ from test_image import VMT, description_at_end, load_stream
 
 import vmtransport
 from vmtransport import StreamError, VMTransportError
-from vmtransport._libvirt_image import FORMATS, build_libvirt_header
+from vmtransport.image._libvirt import FORMATS, build_libvirt_header
 from vmtransport.stream import StreamParser
 
 STREAM_NAMES = ["qemu7.2-pc", "qemu10.0-q35", "qemu7.2-devstate"]

@@ -2,7 +2,7 @@
 
 The streams are the real QEMU 7.2 and 10.0 migration streams of tests/data (see
 test_stream_parser.py); the tests with live QEMUs are in test_qemu_images.py. Headers are
-parsed here with ``struct``, independently of ``vmtransport._image.ImageHeader``, by the
+parsed here with ``struct``, independently of ``vmtransport.image.ImageHeader``, by the
 layout docs/image-format.md gives.
 
 * A save refuses what is not a QEMU stream at its first bytes, and a stream cut before
@@ -34,7 +34,7 @@ import xxhash
 import vmtransport
 from vmtransport._usecases import REFUSED
 from vmtransport._buffers import BUFFER_SIZE
-from vmtransport._libvirt_image import build_libvirt_header
+from vmtransport.image._libvirt import build_libvirt_header
 
 VMT = Path(sys.executable).parent / "vmtransport"
 DATA = Path(__file__).parent / "data"
@@ -377,7 +377,7 @@ def test_offset_images(tmp_path: Path, kind: str, offset: int) -> None:
 
 def test_header_decoder_agrees_with_struct_parse(tmp_path: Path) -> None:
     """vmtransport's own decoder reads the same fields the struct parse above reads."""
-    from vmtransport._image import ImageHeader
+    from vmtransport.image import ImageHeader
 
     stream, _ = load_stream("qemu7.2-pc")
     image = tmp_path / "vm.sav"
@@ -396,8 +396,8 @@ def test_header_decoder_agrees_with_struct_parse(tmp_path: Path) -> None:
 
 
 def _image_writer(path: Path) -> Any:
-    from vmtransport._image import ImageWriter, save_sink
     from vmtransport._registry import get_registry
+    from vmtransport.image import ImageWriter, save_sink
 
     sink = save_sink(get_registry().resolve(f"odirect:{path}"), None)
     assert isinstance(sink, ImageWriter)

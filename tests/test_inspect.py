@@ -24,7 +24,7 @@ from test_image import (
 )
 from test_qemu_images import Saved, damage, get_saved, qemu_version_of
 
-from vmtransport._libvirt_image import build_libvirt_header
+from vmtransport.image._libvirt import build_libvirt_header
 
 DOC = Path(__file__).parent.parent / "docs" / "inspect.md"
 SCHEMA_KEYS = {"schema", "uri", "format", "complete", "problems", "image", "libvirt", "stream"}

@@ -1,4 +1,4 @@
-"""Tests of the libvirt save image header reader (vmtransport._libvirt_image)."""
+"""Tests of the libvirt save image header reader (vmtransport.image._libvirt)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vmtransport._errors import StreamError
-from vmtransport._libvirt_image import (
+from vmtransport.image._libvirt import (
     FORMATS,
     HEADER_SIZE,
     build_libvirt_header,

@@ -1,7 +1,7 @@
 """Restoring libvirt save images (``virsh save`` files) into real QEMU destinations.
 
 The images are built around real QEMU streams with
-``vmtransport._libvirt_image.build_libvirt_header``, compressed as libvirt does it
+``vmtransport.image._libvirt.build_libvirt_header``, compressed as libvirt does it
 (format 1-5) with the real programs or Python's own modules, and restored with
 ``-incoming "exec:vmtransport restore file:IMG"``; the destination's RAM must equal the
 source's. The raw format runs on QEMU 7.2 and 10.0 (the 64 MiB random-RAM save of
@@ -36,7 +36,7 @@ from test_qemu_images import (
 )
 
 from vmtransport._usecases import REFUSED
-from vmtransport._libvirt_image import HEADER_SIZE, build_libvirt_header
+from vmtransport.image._libvirt import HEADER_SIZE, build_libvirt_header
 
 XML = """<domain type='kvm'>
   <name>guest-{name}</name>

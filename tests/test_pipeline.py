@@ -28,8 +28,8 @@ from vmtransport import (
     Transport,
     TransportError,
 )
-from vmtransport._image import HEADER_SIZE
-from vmtransport._libvirt_image import build_libvirt_header
+from vmtransport.image._header import HEADER_SIZE
+from vmtransport.image._libvirt import build_libvirt_header
 from vmtransport.testing import SyntheticStream
 from vmtransport.transports import FileTransport
 

@@ -33,7 +33,7 @@ from test_image import (
     parse_header,
 )
 
-from vmtransport._pagecache import cached_bytes
+from vmtransport.testing import cached_bytes
 
 MEM_MIB = 64
 

@@ -39,8 +39,8 @@ import vmtransport
 from vmtransport import TransportError
 from vmtransport._usecases import REFUSED
 from vmtransport._buffers import fd_reader
-from vmtransport._pagecache import cached_bytes
 from vmtransport._pipeline import pump_blocking
+from vmtransport.testing import cached_bytes
 
 VMT = Path(sys.executable).parent / "vmtransport"
 MIB = 1 << 20

@@ -17,6 +17,8 @@ import mmap
 import os
 import stat
 
+from ._errors import io_error  # no imports of its own
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -310,8 +312,6 @@ class BlockingReader:
 
     def _fail(self, exc: BaseException) -> None:
         if isinstance(exc, OSError):
-            from ._io import io_error
-
             self.error = io_error(f"reading {self.label}", exc)
         else:
             self.error = exc
@@ -359,7 +359,7 @@ class Worker:
 
 def save_reader(fd: int) -> BlockingReader:
     """A started reader of a save's stream on ``fd`` (stdin): checks QEMU's magic, and
-    checksums as it reads, for the image (see ``_image.hash_as_read``)."""
+    checksums as it reads, for the image (see ``image.hash_as_read``)."""
     return BlockingReader(fd_reader(fd), label="stdin", magic=b"QEVM", checksum=True)
 
 

@@ -53,6 +53,13 @@ class Interrupted(VMTransportError):
     """A signal (SIGTERM, SIGINT, SIGHUP) stopped the work; half-written output is gone."""
 
 
+def io_error(what: str, exc: OSError) -> TransportError:
+    """The TransportError for a failed system call: ``what`` names the input and the
+    action (``"reading file:/x"``), the reason is the OS's."""
+    reason = exc.strerror or str(exc)
+    return TransportError(f"{what}: {reason}")
+
+
 def _raise_interrupted(signum: int, frame: object) -> None:
     import signal
 
@@ -63,7 +70,7 @@ def interrupt_on_signals() -> None:
     """Make SIGTERM, SIGINT and SIGHUP raise :class:`Interrupted` in the main thread, so
     that the code they land in aborts its sinks (no half-written output is kept)."""
     # _signal, not signal: the save helper calls this before its reader starts, and
-    # signal's import pulls in enum (~10 ms while QEMU waits on a full pipe).
+    # signal's import pulls in enum, while QEMU waits on a full pipe (docs/performance.md).
     if TYPE_CHECKING:
         import signal as _signal
     else:

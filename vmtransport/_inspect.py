@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from ._errors import StreamError
-from ._image import FORMAT_IMAGE, StreamReader
 from ._usecases import read_all
+from .image import FORMAT_IMAGE, VerifyingReader
 
 SCHEMA = "vmtransport-inspect/1"
 
@@ -19,7 +19,7 @@ def describe(uri: str) -> dict[str, Any]:
     return report(uri, read_all(uri))
 
 
-def report(uri: str, r: StreamReader) -> dict[str, Any]:
+def report(uri: str, r: VerifyingReader) -> dict[str, Any]:
     p = r.parser
     cfg = p.configuration
     h = r.header

@@ -5,7 +5,8 @@ event loop (``wait_readable``); regular files and block devices ignore O_NONBLOC
 they are read from worker threads. Sinks block (the pump calls them off any event loop).
 
 trio is imported where it is first used, not here: a save helper never needs it, and
-importing it takes ~0.35 s here — time QEMU would spend blocked on a full pipe.
+its import is the slowest the package makes (docs/performance.md) — time QEMU would
+spend blocked on a full pipe.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import stat
 from typing import Final
 
 from ._buffers import grow_pipe
-from ._errors import TransportError
+from ._errors import io_error
 from ._transport import Sink, Source, ThreadedSource
 
 #: alignment for O_DIRECT buffers, lengths and offsets (covers 512 and 4096-byte sectors)
@@ -49,11 +50,6 @@ class _NonBlocking:
             fcntl.fcntl(self.fd, fcntl.F_SETFL, self._saved)
         except OSError:
             pass
-
-
-def io_error(what: str, exc: OSError) -> TransportError:
-    reason = exc.strerror or str(exc)
-    return TransportError(f"{what}: {reason}")
 
 
 class FileSource(ThreadedSource):
@@ -129,6 +125,19 @@ class FdSource(Source):
             pass
 
 
+class NullSink(Sink):
+    """Discards the stream (inspect, verify)."""
+
+    def write(self, data: memoryview) -> None:
+        pass
+
+    def commit(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
 class FdSink(Sink):
     """Blocking writes to an fd (from the pump's writer thread).
 
@@ -136,7 +145,7 @@ class FdSink(Sink):
     the open file description) is waited on with poll instead of failing with EAGAIN.
     Regular files are fdatasync'ed on commit (EINVAL/EROFS mean "cannot sync": ignored).
     Writes stay synchronous: a write-behind thread for pipes (QEMU's restore channel)
-    measured no faster here, and slower in 9 of 12 paired rounds (see performance.md).
+    measured no faster, and mostly slower (see docs/performance.md).
     """
 
     def __init__(self, fd: int, label: str, *, close: bool = True) -> None:

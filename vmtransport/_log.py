@@ -1,12 +1,12 @@
 """The package's logger ("vmtransport"), with logging imported on first use.
 
-Importing logging costs ~25 ms here, and a save helper's start-up is time QEMU spends
-blocked (see _buffers), so nothing imports it until there is something to log.
+Importing logging takes a while (docs/performance.md), and a save helper's start-up is
+time QEMU spends blocked, so nothing imports it until there is something to log.
 """
 
 from __future__ import annotations
 
-TYPE_CHECKING = False  # typing's costs milliseconds of a helper's start-up
+TYPE_CHECKING = False  # typing's import would count in a helper's start-up
 if TYPE_CHECKING:
     import logging
 

@@ -124,7 +124,7 @@ class ThreadedSource(Source):
 
     Async callers get its reads through worker threads. A caller with no event loop
     (``vmtransport restore``) calls :meth:`read_blocking` and :meth:`close` directly and
-    never imports trio, which saves ~0.35 s of start-up during which QEMU would wait.
+    never imports trio, whose import would hold QEMU up (docs/performance.md).
     """
 
     @abc.abstractmethod

@@ -14,11 +14,11 @@ from typing import Final
 
 from ._buffers import BlockingReader, save_reader
 from ._errors import UsageError
-from ._image import NullSink, StreamReader, StreamWriter, hash_as_read, save_sink
-from ._io import FdSink, is_pollable
+from ._io import FdSink, NullSink, is_pollable
 from ._pipeline import Pipeline, PumpStats
 from ._registry import Registry, get_registry
 from ._transport import Sink, Source
+from .image import StreamWriter, VerifyingReader, hash_as_read, save_sink
 
 
 def _registry(registry: Registry | None) -> Registry:
@@ -48,7 +48,7 @@ class RestorePipeline(Pipeline):
     libvirt images; withholds the stream's end until the image is proven) -> a sink
     (stdout, or a save's stage for ``copy``). :attr:`reader` describes what was read."""
 
-    reader: StreamReader
+    reader: VerifyingReader
     out: Sink  #: where the bare stream goes
     out_fd: int | None = None  #: the descriptor behind ``out``, when it is one
 
@@ -117,7 +117,7 @@ def restore_pipeline(
         if os.isatty(out):
             raise UsageError("restore writes the migration stream to stdout, which is a terminal")
         out = FdSink(out, "stdout", close=False)
-    reader = StreamReader(out, str(transport.uri), inspect=inspect)
+    reader = VerifyingReader(out, str(transport.uri), inspect=inspect)
     pipeline = RestorePipeline(transport, reader, label=str(transport.uri))
     pipeline.reader, pipeline.out, pipeline.out_fd = reader, out, out_fd
     return pipeline
@@ -169,7 +169,7 @@ def copy_pipeline(
     reg = _registry(registry)
     src_t, dst_t = reg.resolve(src), reg.resolve(dst)
     image = save_sink(dst_t, name)
-    reader = StreamReader(image, str(src_t.uri))
+    reader = VerifyingReader(image, str(src_t.uri))
     pipeline = RestorePipeline(src_t, reader, label=str(src_t.uri))
     pipeline.reader, pipeline.out = reader, image
     return pipeline
@@ -190,7 +190,7 @@ async def copy(src: str, dst: str, *, name: str | None = None) -> PumpStats:
     return await pipeline.run_async()
 
 
-def read_all(uri: str) -> StreamReader:
+def read_all(uri: str) -> VerifyingReader:
     """Read the whole image or stream at ``uri`` and describe it (inspect, verify)."""
     pipeline = restore_pipeline(uri, NullSink(), inspect=True)
     pipeline.run()

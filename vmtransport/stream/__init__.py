@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from ._parser import EOF as EOF
-from ._parser import BlockStats as BlockStats
-from ._parser import Command as Command
-from ._parser import Configuration as Configuration
-from ._parser import DeviceSection as DeviceSection
-from ._parser import Event as Event
-from ._parser import Header as Header
-from ._parser import RAMBlock as RAMBlock
-from ._parser import SectionStart as SectionStart
+from ._events import EOF as EOF
+from ._events import BlockStats as BlockStats
+from ._events import Command as Command
+from ._events import Configuration as Configuration
+from ._events import DeviceSection as DeviceSection
+from ._events import Event as Event
+from ._events import Header as Header
+from ._events import RAMBlock as RAMBlock
+from ._events import SectionStart as SectionStart
+from ._events import VMDescription as VMDescription
 from ._parser import StreamParser as StreamParser
-from ._parser import VMDescription as VMDescription
 
 __all__ = [
     "EOF",

@@ -6,7 +6,8 @@ import os
 from collections.abc import Mapping
 from typing import ClassVar, final
 
-from .._io import FileSource, io_error, write_all
+from .._errors import io_error
+from .._io import FileSource, write_all
 from .._transport import SeekableSink, Sink, Source, ThreadedSource, Transport
 from .._uri import URI
 from ._target import AtomicTarget

@@ -20,8 +20,8 @@ from typing import ClassVar, final
 
 from .. import _log
 from .._buffers import Worker, aligned_buffer
-from .._errors import TransportError
-from .._io import DIRECT_ALIGN, FileSource, drop_cache, io_error, write_all
+from .._errors import TransportError, io_error
+from .._io import DIRECT_ALIGN, FileSource, drop_cache, write_all
 from .._transport import SeekableSink, Sink, Source, ThreadedSource, Transport
 from .._uri import URI
 from ._file import open_for_reading

@@ -7,8 +7,8 @@ import os
 import stat
 import threading
 
-from .._errors import TransportError
-from .._io import drop_cache, io_error
+from .._errors import TransportError, io_error
+from .._io import drop_cache
 
 
 class AtomicTarget:

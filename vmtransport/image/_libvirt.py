@@ -20,7 +20,7 @@ import struct
 import sys
 from typing import Final, Literal, NamedTuple, final
 
-from ._errors import StreamError
+from .._errors import StreamError
 
 __all__ = [
     "FORMATS",
@@ -121,7 +121,7 @@ def _text(raw: bytes, what: str) -> str:
 
 def _domain_name(xml: str) -> str | None:
     # Imported here: every restore checks for libvirt's magic, and ElementTree (with
-    # pyexpat) would otherwise hold up the first byte QEMU gets by tens of ms.
+    # pyexpat) would otherwise hold up the first byte QEMU gets (docs/performance.md).
     import xml.etree.ElementTree as ET
 
     try:
