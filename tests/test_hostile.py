@@ -27,9 +27,9 @@ from types import FrameType
 from typing import Any, Literal, NamedTuple
 
 import pytest
+from helpers import VMT, description_at_end, load_stream
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_image import VMT, description_at_end, load_stream
 
 import vmtransport
 from vmtransport import StreamError, VMTransportError
