@@ -157,22 +157,23 @@ def test_save_refuses_truncated_stream(tmp_path: Path, name: str) -> None:
         if sink == "file" or what in ("mid-ram", "just-before-eof", "in-description-json")
     ]
 
-    def run(job: tuple[str, str, int]) -> tuple[str, str, str, int, bytes, list[str]]:
+    def run(job: tuple[str, str, int]) -> tuple[str, str, int, int, bytes, list[str]]:
         sink, what, cut = job
         out = tmp_path / f"{sink.replace(',', '-')}-{what}"
         out.mkdir()
         kind, _, options = sink.partition(",")
         uri = f"{kind}:{out / 'vm.sav'}" + (f",{options}" if options else "")
         r = vmt("save", uri, input=stream[:cut])
-        return uri, what, sink, r.returncode, r.stderr, listing(out)
+        return uri, what, cut, r.returncode, r.stderr, listing(out)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(run, jobs))
     assert len(results) == len(cuts(stream)) + 3 * (len(SINKS) - 1)
-    for uri, what, _sink, rc, stderr, left in results:
+    for uri, what, cut, rc, stderr, left in results:
         assert rc == 1, (uri, what, stderr)
         line = one_error_line(stderr)
         assert uri in line and "incomplete migration stream" in line, (what, line)
+        assert f"after {cut} bytes" in line, (what, line)  # where it ended
         if "description" in what or what == "last-byte-missing":
             assert "VM description" in line or "EOF marker" in line, (what, line)
         assert left == [], f"{uri} cut {what}: {left} left behind"

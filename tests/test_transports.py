@@ -33,6 +33,7 @@ from typing import IO, TypeVar
 
 import pytest
 import trio
+import trio.testing
 
 import vmtransport
 from vmtransport import TransportError
@@ -1079,23 +1080,34 @@ def test_fd_socketpair_both_ways(payloads: dict[int, Path]) -> None:
 
 
 async def test_fd_open_source_on_a_pipe_in_process() -> None:
+    """The source parks on the event loop while the pipe is empty (it neither spins nor
+    blocks the thread: trio sees every task blocked), takes what arrives as it arrives,
+    and ends at EOF."""
     data = os.urandom(3 * MIB + 1)
     rfd, wfd = os.pipe()
+    got = bytearray()
 
-    def produce() -> None:
+    async def consume() -> None:
+        buf = bytearray(100_000)
+        while n := await source.readinto(memoryview(buf)):
+            got.extend(buf[:n])
+
+    def produce_the_rest() -> None:
         try:
-            os.write(wfd, data)
+            os.write(wfd, data[1000:])  # more than the pipe holds: the reader must keep up
         finally:
             os.close(wfd)
 
-    got = bytearray()
     with trio.fail_after(TIMEOUT):
         source = await vmtransport.open_source(f"fd:{rfd}")
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.to_thread.run_sync, produce)
-            buf = bytearray(100_000)
-            while n := await source.readinto(memoryview(buf)):
-                got += buf[:n]
+            nursery.start_soon(consume)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == b""  # waiting for data
+            os.write(wfd, data[:1000])
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == data[:1000]  # read at once, and waiting again
+            await trio.to_thread.run_sync(produce_the_rest)
         await source.commit()
     assert bytes(got) == data
     with pytest.raises(OSError) as info:
