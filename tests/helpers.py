@@ -324,6 +324,9 @@ LAX_RAM_END = "the RAM section never ends"
 LAX_WORD = "a RAM EOS or MULTIFD_FLUSH word with offset bits"
 LAX_MACHINE = "an empty machine type"
 LAX_SPOTS = (LAX_RAM_NAME, LAX_COMMAND, LAX_RAM_END, LAX_WORD, LAX_MACHINE)
+#: How violations in the device state, EOF or VM description start: a reader buffers
+#: that tail and checks it last.
+TAIL = "after RAM: "
 
 
 def stream_violation(data: bytes) -> str | None:
@@ -393,8 +396,11 @@ def _violation(data: bytes) -> str | None:
             p += 5
             continue
         if kind == 0x01:
-            if data[p + 5 : p + 17] != b"\x03ram\0\0\0\0\0\0\0\x04" or ram_id >= 0:
-                return LAX_RAM_NAME
+            name_at(p + 5)  # any section's idstr is printable
+            if data[p + 5 : p + 13] != b"\x03ram\0\0\0\0" or ram_id >= 0:
+                return LAX_RAM_NAME  # not instance 0 of "ram", or a second one
+            if be32(p + 13) != 4:
+                return "RAM section version"
             ram_id, p = sid, p + 17
             word, p = be64(p), p + 8
             if word & 0xFFF != 0x04:
@@ -449,35 +455,40 @@ def _violation(data: bytes) -> str | None:
         p += 5
     if ram_id >= 0 and not ended:
         return LAX_RAM_END
-    # The tail: device sections, EOF, VM description.
+    # The tail: device sections, EOF, VM description; a reader checks the first device
+    # section's idstr as it meets it, the rest at the end.
+    if data[p] == 0x04:
+        name_at(p + 5)
     parser = StreamParser()
     try:
         events = parser.feed(data) + parser.close()
     except vmtransport.StreamError as exc:
-        return f"vmtransport's parser: {exc}"
+        return f"{TAIL}vmtransport's parser: {exc}"
     devices = [e for e in events if isinstance(e, DeviceSection)]
     eof = parser.eof_offset
     if eof is None or data[eof] != 0:
-        return "EOF"
+        return TAIL + "EOF"
     for d in devices:
         if d.offset != p or data[p] != 0x04 or be32(p + 1) != d.section_id:
-            return f"device section {d.idstr} header"
+            return f"{TAIL}device section {d.idstr} header"
         if name_at(p + 5) != d.idstr or be32(p + 6 + len(d.idstr)) != d.instance_id:
-            return f"device section {d.idstr} name"
+            return f"{TAIL}device section {d.idstr} name"
         p += 14 + len(d.idstr) + d.size
         if data[p : p + 5] != b"\x7e" + d.section_id.to_bytes(4, "big"):
-            return f"device section {d.idstr} footer"
+            return f"{TAIL}device section {d.idstr} footer"
         p += 5
     if p != eof:
-        return "device state before EOF"
+        return TAIL + "device state before EOF"
     if eof + 1 == len(data):
         return None  # no VM description: some machines suppress it
     if data[eof + 1] != 0x06 or be32(eof + 2) != len(data) - eof - 6:
-        return "VM description"
-    desc = json.loads(data[eof + 6 :])
-    listed = [(d["name"], d["instance_id"]) for d in desc["devices"]]
+        return TAIL + "VM description"
+    try:
+        listed = [(d["name"], d["instance_id"]) for d in json.loads(data[eof + 6 :])["devices"]]
+    except (ValueError, KeyError, TypeError):
+        return TAIL + "VM description's JSON"
     if listed != [(d.idstr, d.instance_id) for d in devices]:
-        return "devices not as described"
+        return TAIL + "devices not as described"
     return None
 
 
