@@ -302,7 +302,8 @@ def test_a_change_only_a_checksum_can_tell(what: str) -> None:
     at, mask = CONTENT[what]
     data = flipped(STREAMS["synthetic"], at, mask)
     assert stream_violation(data) is None
-    assert parse(data, 4096).complete
+    p = parse(data, 4096)
+    assert p.complete and p.ram_blocks == parse(STREAMS["synthetic"], 4096).ram_blocks
 
 
 def test_a_dropped_page_record_is_still_a_stream() -> None:
