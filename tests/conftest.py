@@ -1,4 +1,5 @@
-"""Shared fixtures: the real QEMUs (7.2 and 10.0) and the vmtransport command.
+"""Shared fixtures: the real QEMUs (7.2 and 10.0), the vmtransport command and the
+session's save of a real VM (tests/helpers.py has the plain helpers).
 
 Missing QEMUs make the tests that need them fail, never skip: CI must run them all.
 scripts/setup.sh installs both.
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import Saved, save_vm
 from qemuvm import find_qemus, kvm_usable, qemu_version
 
 # Versions every test that takes the `qemu` fixture runs against, with their test ids.
@@ -67,3 +69,24 @@ def vmtransport_cmd() -> Path:
             pytrace=False,
         )
     return path
+
+
+@pytest.fixture(scope="session")
+def saves() -> dict[str, Saved]:
+    """The session's saves of real VMs by QEMU version, made on first use."""
+    return {}
+
+
+@pytest.fixture
+def saved(
+    qemu: str,
+    qemu_cmds: dict[str, str],
+    saves: dict[str, Saved],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Saved:
+    """A fresh VM of the ``qemu`` under test, saved once per session (see
+    :class:`helpers.Saved`); tests must not change its files."""
+    version = next(v for v, cmd in qemu_cmds.items() if cmd == qemu)
+    if version not in saves:
+        saves[version] = save_vm(version, qemu, tmp_path_factory)
+    return saves[version]

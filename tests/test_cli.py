@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_transports import qemu_stream
 
 import vmtransport
 from vmtransport._cli import main
+from vmtransport.testing import SyntheticStream
 
 VMT = Path(sys.executable).parent / "vmtransport"
 TIMEOUT = 30
@@ -110,7 +110,7 @@ def test_verbose_adds_a_traceback_to_an_io_error(tmp_path: Path, flag: str) -> N
 
 
 def test_verbose_reports_statistics(tmp_path: Path) -> None:
-    stream = qemu_stream(3)
+    stream = bytes(SyntheticStream(3))
     r = vmt("-v", "save", f"file:{tmp_path}/a", input=stream)
     assert r.returncode == 0, r.stderr
     lines = r.stderr.decode().splitlines()
@@ -149,7 +149,7 @@ def test_restore_refuses_a_terminal_on_stdout(tmp_path: Path) -> None:
 
 def test_restore_into_a_reader_that_goes_away(tmp_path: Path) -> None:
     image = tmp_path / "a"
-    image.write_bytes(qemu_stream(1000))
+    image.write_bytes(bytes(SyntheticStream(1000)))
     rfd, wfd = os.pipe()
     try:
         proc = subprocess.Popen(
@@ -203,7 +203,7 @@ def test_a_report_to_a_reader_that_went_away(tmp_path: Path, command: str) -> No
     """``vmtransport inspect IMAGE | head`` with head gone: no traceback, and the status
     a writer killed by SIGPIPE would have."""
     image = tmp_path / "a"
-    assert vmt("save", f"file:{image}", input=qemu_stream(10)).returncode == 0
+    assert vmt("save", f"file:{image}", input=bytes(SyntheticStream(10))).returncode == 0
     rfd, wfd = os.pipe()
     os.close(rfd)
     try:

@@ -2,8 +2,8 @@
 
 The streams are the real QEMU 7.2 and 10.0 migration streams of tests/data (see
 test_stream_parser.py); the tests with live QEMUs are in test_qemu_images.py. Headers are
-parsed here with ``struct``, independently of ``vmtransport.image.ImageHeader``, by the
-layout docs/image-format.md gives.
+parsed with ``struct`` (tests/helpers.py), independently of
+``vmtransport.image.ImageHeader``, by the layout docs/image-format.md gives.
 
 * A save refuses what is not a QEMU stream at its first bytes, and a stream cut before
   QEMU's EOF (and VM description) anywhere: exit 1, one line, nothing under the final
@@ -13,153 +13,36 @@ layout docs/image-format.md gives.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
-import struct
 import subprocess
-import sys
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-import xxhash
+from helpers import (
+    HEADER_SIZE,
+    VMT,
+    check_complete_image,
+    description_at_end,
+    listing,
+    load_stream,
+    one_error_line,
+    parse_header,
+    vmt,
+)
 
 import vmtransport
-from vmtransport._usecases import REFUSED
 from vmtransport._buffers import BUFFER_SIZE
+from vmtransport._usecases import REFUSED
 from vmtransport.image._libvirt import build_libvirt_header
 
-VMT = Path(sys.executable).parent / "vmtransport"
-DATA = Path(__file__).parent / "data"
-TIMEOUT = 60
-HEADER_SIZE = 65536
 # Real QEMU streams: machine types pc (i440fx) and q35, QEMU 7.2 and 10.0.
 STREAMS = ["qemu7.2-pc", "qemu7.2-q35", "qemu7.2-ignore-shared", "qemu10.0-pc", "qemu10.0-q35"]
 SINKS = ["file", "odirect", "file,format=raw"]
-
-
-# --- helpers shared with test_qemu_images.py, test_inspect.py, test_libvirt_restore.py ----
-
-
-def vmt(
-    *args: str, input: bytes | None = None, stdin: Any = None
-) -> subprocess.CompletedProcess[bytes]:
-    """Run the real console script."""
-    return subprocess.run(
-        [str(VMT), *args],
-        input=input,
-        stdin=stdin,
-        capture_output=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
-
-
-def one_error_line(stderr: bytes | str) -> str:
-    """The text of the one ``vmtransport: error: ...`` line stderr must consist of."""
-    text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
-    lines = text.splitlines()
-    assert len(lines) == 1, text
-    assert lines[0].startswith("vmtransport: error: "), text
-    assert "Traceback" not in text
-    return lines[0]
-
-
-def load_stream(name: str) -> tuple[bytes, dict[str, Any]]:
-    """A real QEMU stream from tests/data, and what QEMU said about the VM."""
-    data = gzip.decompress((DATA / f"{name}.bin.gz").read_bytes())
-    meta = json.loads((DATA / f"{name}.json").read_text())
-    return data, meta
-
-
-def description_at_end(stream: bytes) -> tuple[int, dict[str, Any]]:
-    """(offset of QEMU's EOF byte, VM description) found by hand: the stream ends with
-    0x00 EOF, 0x06, be32 length, JSON; JSON holds no 0x06 byte, so the last 0x06 is it."""
-    q = stream.rfind(b"\x06")
-    assert q > 0 and stream[q - 1] == 0, "no EOF + VM description at the end"
-    (length,) = struct.unpack_from(">I", stream, q + 1)
-    assert q + 5 + length == len(stream), "VM description length does not reach the end"
-    desc = json.loads(stream[q + 5 :])
-    assert isinstance(desc, dict)
-    return q - 1, desc
-
-
-@dataclass
-class ImageFields:
-    """The header fields, by docs/image-format.md (little-endian)."""
-
-    magic: bytes
-    format_version: int
-    header_size: int
-    state: int
-    payload_kind: int
-    payload_offset: int
-    payload_length: int
-    checksum_algorithm: int
-    metadata_length: int
-    checksum: bytes
-    eof_offset: int
-    header_crc32: int
-    crc_ok: bool
-    reserved: bytes
-    metadata: dict[str, Any]
-    padding: bytes
-
-
-def parse_header(head: bytes) -> ImageFields:
-    assert len(head) >= HEADER_SIZE
-    head = head[:HEADER_SIZE]
-    magic = head[0:8]
-    version, hsize, state, kind = struct.unpack_from("<IIII", head, 8)
-    poff, plen = struct.unpack_from("<QQ", head, 24)
-    algo, mlen = struct.unpack_from("<II", head, 40)
-    checksum = head[48:64]
-    (eof,) = struct.unpack_from("<Q", head, 64)
-    (crc,) = struct.unpack_from("<I", head, 72)
-    crc_ok = zlib.crc32(head[:72] + bytes(4) + head[76:]) == crc
-    meta = json.loads(head[128 : 128 + mlen]) if 0 < mlen <= HEADER_SIZE - 128 else None
-    return ImageFields(
-        magic, version, hsize, state, kind, poff, plen, algo, mlen, checksum, eof, crc,
-        crc_ok, head[76:128], meta if isinstance(meta, dict) else {}, head[128 + mlen :],
-    )  # fmt: skip
-
-
-def check_complete_image(path: Path, stream: bytes, offset: int = 0) -> ImageFields:
-    """Assert every field of the image at ``path`` (from ``offset``) holding ``stream``."""
-    raw = path.read_bytes()[offset:]
-    h = parse_header(raw)
-    assert h.magic == b"VMTIMAGE"
-    assert h.format_version == 1
-    assert h.header_size == HEADER_SIZE
-    assert h.state == 1, "not marked complete"
-    assert h.payload_kind == 1
-    assert h.payload_offset == HEADER_SIZE
-    assert h.payload_length == len(raw) - HEADER_SIZE == len(stream)
-    assert raw[HEADER_SIZE:] == stream, "the payload is not QEMU's stream byte for byte"
-    assert h.checksum_algorithm == 1
-    assert h.checksum == xxhash.xxh3_128(stream).digest()
-    eof, _ = description_at_end(stream)
-    assert h.eof_offset == eof and stream[h.eof_offset] == 0
-    assert h.crc_ok, "header CRC32 does not match"
-    assert h.reserved == bytes(52)
-    assert 0 < h.metadata_length <= HEADER_SIZE - 128
-    assert h.padding == bytes(len(h.padding))
-    assert set(h.metadata) >= {"name", "created", "vmtransport_version", "stream"}
-    assert h.metadata["vmtransport_version"] == vmtransport.__version__
-    created = datetime.strptime(h.metadata["created"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    assert abs((datetime.now(UTC) - created).total_seconds()) < 3600
-    return h
-
-
-def listing(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir())
 
 
 # --- save: refuse what is not QEMU's stream, and streams that end early -----------------
@@ -274,22 +157,23 @@ def test_save_refuses_truncated_stream(tmp_path: Path, name: str) -> None:
         if sink == "file" or what in ("mid-ram", "just-before-eof", "in-description-json")
     ]
 
-    def run(job: tuple[str, str, int]) -> tuple[str, str, str, int, bytes, list[str]]:
+    def run(job: tuple[str, str, int]) -> tuple[str, str, int, int, bytes, list[str]]:
         sink, what, cut = job
         out = tmp_path / f"{sink.replace(',', '-')}-{what}"
         out.mkdir()
         kind, _, options = sink.partition(",")
         uri = f"{kind}:{out / 'vm.sav'}" + (f",{options}" if options else "")
         r = vmt("save", uri, input=stream[:cut])
-        return uri, what, sink, r.returncode, r.stderr, listing(out)
+        return uri, what, cut, r.returncode, r.stderr, listing(out)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(run, jobs))
     assert len(results) == len(cuts(stream)) + 3 * (len(SINKS) - 1)
-    for uri, what, _sink, rc, stderr, left in results:
+    for uri, what, cut, rc, stderr, left in results:
         assert rc == 1, (uri, what, stderr)
         line = one_error_line(stderr)
         assert uri in line and "incomplete migration stream" in line, (what, line)
+        assert f"after {cut} bytes" in line, (what, line)  # where it ended
         if "description" in what or what == "last-byte-missing":
             assert "VM description" in line or "EOF marker" in line, (what, line)
         assert left == [], f"{uri} cut {what}: {left} left behind"

@@ -15,14 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_image import (
+from helpers import (
     HEADER_SIZE,
     VMT,
+    Saved,
+    damage,
     description_at_end,
     load_stream,
     one_error_line,
 )
-from test_qemu_images import Saved, damage, get_saved, qemu_version_of
 
 from vmtransport.image._libvirt import build_libvirt_header
 
@@ -44,11 +45,6 @@ RAM_BLOCK_KEYS = {"name", "used_length", "normal_pages", "zero_pages"}
 DEVICE_KEYS = {"idstr", "instance_id", "version_id", "section_id", "size"}
 COMMAND_KEYS = {"cmd", "name", "length"}
 XML = "<domain type='kvm'><name>web1</name><memory unit='KiB'>65536</memory></domain>"
-
-
-@pytest.fixture
-def saved(qemu: str, qemu_cmds: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Saved:
-    return get_saved(qemu_version_of(qemu, qemu_cmds), qemu, tmp_path_factory)
 
 
 def run(*args: str) -> subprocess.CompletedProcess[bytes]:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import gzip
 import struct
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import load_stream
 
 from vmtransport._errors import StreamError
 from vmtransport.image._libvirt import (
@@ -17,6 +16,7 @@ from vmtransport.image._libvirt import (
     parse_libvirt_header,
 )
 from vmtransport.stream import StreamParser
+from vmtransport.testing import SyntheticStream
 
 XML = "<domain type='kvm'>\n  <name>guest-1</name>\n  <memory unit='KiB'>32768</memory>\n</domain>"
 COOKIE = "<cookie><cpu mode='custom'/></cookie>"
@@ -60,7 +60,7 @@ def test_partial_image_is_reported() -> None:
 
 def test_not_libvirt() -> None:
     assert parse_libvirt_header(b"") is None
-    assert parse_libvirt_header(bytes.fromhex("5145564d00000003") + bytes(100)) is None
+    assert parse_libvirt_header(bytes(SyntheticStream(0))) is None
     assert parse_libvirt_header(b"LibvirtQemudSav") is None
 
 
@@ -104,7 +104,7 @@ def test_short_data_and_bad_text() -> None:
 
 
 def test_header_then_real_stream() -> None:
-    stream = gzip.decompress((Path(__file__).parent / "data" / "qemu7.2-pc.bin.gz").read_bytes())
+    stream, _ = load_stream("qemu7.2-pc")
     image = build_libvirt_header(XML, was_running=True, cookie=COOKIE) + stream
     h = parse_libvirt_header(image[: 128 << 10])
     assert h is not None

@@ -5,7 +5,7 @@ The images are built around real QEMU streams with
 (format 1-5) with the real programs or Python's own modules, and restored with
 ``-incoming "exec:vmtransport restore file:IMG"``; the destination's RAM must equal the
 source's. The raw format runs on QEMU 7.2 and 10.0 (the 64 MiB random-RAM save of
-test_qemu_images.py); the compressed ones on QEMU 10.0, from a VM whose RAM is 8 MiB of
+the ``saved`` fixture); the compressed ones on QEMU 10.0, from a VM whose RAM is 8 MiB of
 random bytes and zeros after (so that bzip2 and xz take well under a second).
 """
 
@@ -22,18 +22,17 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
-from qemuvm import VM, describe_difference, files_equal, make_ram_file
-from test_image import VMT, one_error_line
-from test_qemu_images import (
+from helpers import (
     MEM_MIB,
+    VMT,
     Saved,
     failed_load,
-    get_saved,
     load,
-    qemu_version_of,
+    one_error_line,
     restore_cmd,
     wait_for,
 )
+from qemuvm import VM, describe_difference, files_equal, make_ram_file
 
 from vmtransport._usecases import REFUSED
 from vmtransport.image._libvirt import HEADER_SIZE, build_libvirt_header
@@ -90,11 +89,6 @@ def sparse_saved(qemu: str, factory: pytest.TempPathFactory) -> tuple[Path, Path
     wait_for([stream])
     _SPARSE[qemu] = (ram, stream)
     return ram, stream
-
-
-@pytest.fixture
-def saved(qemu: str, qemu_cmds: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Saved:
-    return get_saved(qemu_version_of(qemu, qemu_cmds), qemu, tmp_path_factory)
 
 
 @pytest.fixture

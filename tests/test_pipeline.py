@@ -11,8 +11,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from itertools import pairwise
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import trio
@@ -136,7 +138,7 @@ class ContractTransport(Transport):
     opened are in ``opened`` (class-wide, for the test to inspect)."""
 
     scheme = "contract"
-    options = {"format": "image or raw"}
+    options: ClassVar[Mapping[str, str]] = {"format": "image or raw"}
     opened: list[ContractSink] = []  # noqa: RUF012 (the tests' record)
     strict = True
 
@@ -261,7 +263,7 @@ def test_progress_and_events(tmp_path: Path, stream: tuple[Path, bytes]) -> None
     assert [e.state for e in events] == ["started", "eof", "committing", "complete"]
     assert events[-1].bytes == len(data)
     assert progress and progress[-1].bytes == len(data)
-    assert all(a.bytes < b.bytes for a, b in zip(progress, progress[1:], strict=False))
+    assert all(a.bytes < b.bytes for a, b in pairwise(progress))
     assert all(p.rate > 0 for p in progress)
 
 

@@ -2,8 +2,8 @@
 header says what docs/image-format.md says, and restores verify before they commit.
 
 Each QEMU version's source VM (64 MiB of random RAM, started with -S) is saved once per
-session (:func:`get_saved`, shared with test_inspect.py and test_libvirt_restore.py), in
-one migration to three targets: ``tee`` copies QEMU's bytes to a plain file (what
+session (the ``saved`` fixture, shared with test_inspect.py and test_libvirt_restore.py),
+in one migration to three targets: ``tee`` copies QEMU's bytes to a plain file (what
 ``exec:cat > FILE`` writes), to a ``file:...,format=raw`` save and to an ``odirect:``
 image save named ``web1``. Restores go into real destination QEMUs
 (``-incoming "exec:vmtransport restore ..."``) whose RAM file is compared with the
@@ -15,154 +15,31 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import subprocess
 import time
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from qemuvm import VM, VMError, describe_difference, files_equal, make_ram_file
-from test_image import (
+from helpers import (
     HEADER_SIZE,
+    MEM_MIB,
     VMT,
+    Saved,
     check_complete_image,
+    damage,
+    failed_load,
     listing,
+    load,
     one_error_line,
     parse_header,
+    restore_cmd,
+    wait_for,
 )
+from qemuvm import VM, describe_difference, files_equal, make_ram_file
 
 from vmtransport.testing import cached_bytes
 
-MEM_MIB = 64
-
-
-# --- the shared save --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Saved:
-    version: str
-    qemu: str
-    dir: Path
-    src_ram: Path
-    image: Path  #: odirect: image, --name web1
-    cat: Path  #: QEMU's bytes, as exec:cat > FILE writes them
-    raw: Path  #: file:...,format=raw
-    machine: str  #: the machine type "pc" stands for (query-machines)
-    ramblocks: dict[str, int]  #: HMP info ramblock: name -> used length
-    memdev_size: int  #: query-memdev: the main RAM backend's size
-    main_block: str  #: its RAM block name (the backend's id)
-    cached_after_save: tuple[int, int]  #: the image's page-cache residency, right after
-
-
-_SAVED: dict[str, Saved] = {}
-
-
-def qemu_version_of(qemu: str, qemu_cmds: dict[str, str]) -> str:
-    return next(v for v, cmd in qemu_cmds.items() if cmd == qemu)
-
-
-def ramblocks_from_hmp(text: str) -> dict[str, int]:
-    """HMP ``info ramblock``: Block Name, PSize, Offset, Used, Total (10.0 adds HVA, RO)."""
-    lines = text.strip().splitlines()
-    assert lines[0].split()[:2] == ["Block", "Name"], text
-    out = {}
-    for line in lines[1:]:
-        cols = line.split()
-        hexes = [c for c in cols if c.startswith("0x")]
-        out[cols[0]] = int(hexes[1], 16)  # offset, used, total, ...
-    return out
-
-
-def wait_for(paths: list[Path], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not all(p.exists() for p in paths):
-        assert time.monotonic() < deadline, f"{paths} did not appear"
-        time.sleep(0.05)
-
-
-def get_saved(version: str, qemu: str, factory: pytest.TempPathFactory) -> Saved:
-    """Save a fresh VM of QEMU ``version`` once per session (see the module docstring)."""
-    if version in _SAVED:
-        return _SAVED[version]
-    d = factory.mktemp(f"saved-qemu{version}")
-    src_ram = d / "src.ram"
-    make_ram_file(src_ram, MEM_MIB, random=True)
-    image, cat, raw, fifo = d / "vm.img", d / "vm.cat", d / "vm.raw", d / "fifo"
-    img_err, raw_err = d / "img.err", d / "raw.err"
-    os.mkfifo(fifo)
-    v = shlex.quote(str(VMT))
-    cmd = (
-        f"{v} save file:{raw},format=raw <{fifo} 2>{raw_err} & "
-        f"tee {fifo} {cat} | {v} save odirect:{image} --name web1 2>{img_err}; wait"
-    )
-    with VM(qemu, d, name="src", mem_mib=MEM_MIB, ram_file=src_ram, paused=True) as vm:
-        hmp = vm.cmd("human-monitor-command", {"command-line": "info ramblock"})
-        memdevs = vm.cmd("query-memdev")
-        machines = vm.cmd("query-machines")
-        vm.migrate("exec:" + cmd)
-        info = vm.wait_migration(timeout=120)
-        assert info["status"] == "completed", (info, vm.log())
-        assert vm.status() == "postmigrate"
-    wait_for([image, raw])
-    cached = cached_bytes(image)
-    assert img_err.read_text() == "" and raw_err.read_text() == ""
-    assert len(memdevs) == 1
-    (machine,) = [m["name"] for m in machines if m.get("alias") == "pc"]
-    saved = Saved(
-        version=version,
-        qemu=qemu,
-        dir=d,
-        src_ram=src_ram,
-        image=image,
-        cat=cat,
-        raw=raw,
-        machine=machine,
-        ramblocks=ramblocks_from_hmp(str(hmp)),
-        memdev_size=int(memdevs[0]["size"]),
-        main_block=str(memdevs[0]["id"]),
-        cached_after_save=cached,
-    )
-    _SAVED[version] = saved
-    return saved
-
-
-@pytest.fixture
-def saved(qemu: str, qemu_cmds: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Saved:
-    return get_saved(qemu_version_of(qemu, qemu_cmds), qemu, tmp_path_factory)
-
-
 # --- destinations ---------------------------------------------------------------------
-
-
-def restore_cmd(uri: str, err: Path) -> str:
-    return f"exec:{shlex.quote(str(VMT))} restore {shlex.quote(uri)} 2>{err}"
-
-
-def load(qemu: str, tmp: Path, incoming: str, name: str = "dst") -> Path:
-    """Start a destination; it must load and end in prelaunch. Returns its RAM file."""
-    dst_ram = tmp / f"{name}.ram"
-    dst_ram.unlink(missing_ok=True)
-    make_ram_file(dst_ram, MEM_MIB, random=False)
-    with VM(qemu, tmp, name=name, mem_mib=MEM_MIB, ram_file=dst_ram, incoming=incoming) as vm:
-        assert vm.wait_incoming(timeout=60) == "prelaunch", vm.log()
-    return dst_ram
-
-
-def failed_load(qemu: str, tmp: Path, incoming: str) -> str:
-    """Start a destination whose load must fail: QEMU exits with status 1."""
-    dst_ram = tmp / "dst.ram"
-    dst_ram.unlink(missing_ok=True)
-    make_ram_file(dst_ram, MEM_MIB, random=False)
-    with VM(qemu, tmp, name="dst", mem_mib=MEM_MIB, ram_file=dst_ram, incoming=incoming) as vm:
-        with pytest.raises(VMError) as failure:
-            status = vm.wait_incoming(timeout=60)
-            pytest.fail(f"the destination loaded the damaged image (status {status})")
-        assert vm.returncode == 1, str(failure.value)
-    assert "exit status 1" in str(failure.value)
-    return str(failure.value)
 
 
 def drop_cache(path: Path) -> None:
@@ -308,40 +185,6 @@ def test_offset_image_from_qemu(qemu: str, tmp_path: Path) -> None:
 
 
 # --- point 3: restores verify before they commit -------------------------------------------
-
-
-def damage(saved: Saved, how: str, path: Path) -> None:
-    """Write a copy of the saved image to ``path``, damaged as ``how`` says."""
-    data = bytearray(saved.image.read_bytes())
-    h = parse_header(bytes(data[:HEADER_SIZE]))
-    if how == "payload-flip":
-        # A byte of the guest's RAM (the page at 32 MiB, whole pages are unique) in the
-        # middle of the payload: only the checksum can tell (a flipped page header would
-        # trip the stream parser instead).
-        with open(saved.src_ram, "rb") as f:
-            f.seek(MEM_MIB << 19)
-            page = f.read(4096)
-        at = data.find(page, HEADER_SIZE)
-        assert at > 0 and data.find(page, at + 1) < 0
-        assert abs(at - len(data) // 2) < len(data) // 10
-        data[at + 100] ^= 0x40
-    elif how == "truncated-mid":
-        del data[HEADER_SIZE + h.payload_length // 2 :]
-    elif how == "truncated-tail":
-        # Inside the VM description, after QEMU's EOF marker: without the withholding,
-        # QEMU would have had everything it needs to load and resume.
-        del data[-10:]
-        assert len(data) > HEADER_SIZE + h.eof_offset + 1
-    elif how == "partial":
-        data[16:20] = (0).to_bytes(4, "little")
-        data[72:76] = bytes(4)
-        data[72:76] = zlib.crc32(bytes(data[:HEADER_SIZE])).to_bytes(4, "little")
-        assert parse_header(bytes(data[:HEADER_SIZE])).crc_ok
-    elif how == "header-flip":
-        data[HEADER_SIZE // 2] ^= 0x01  # metadata padding: covered by the CRC only
-    else:
-        raise AssertionError(how)
-    path.write_bytes(data)
 
 
 EXPECTED = {

@@ -23,10 +23,10 @@ from typing import final
 
 import pluggy
 import pytest
-from test_transports import qemu_stream
 
 import vmtransport
 from vmtransport import PluginError, Registry, Sink, Source, Transport, URIError
+from vmtransport.testing import SyntheticStream
 from vmtransport.transports import ExecTransport, FdTransport, FileTransport, ODirectTransport
 from vmtransport.transports import _builtin as builtin_transports
 
@@ -465,7 +465,7 @@ def test_cli_plugins_lists_the_entry_point(demo_site: Path) -> None:
 
 def test_cli_save_and_restore_through_the_plugin(demo_site: Path, tmp_path: Path) -> None:
     env = env_with(demo_site)
-    payload = qemu_stream(700, seed=5)  # save and restore want a QEMU stream
+    payload = bytes(SyntheticStream(700, seed=5))  # save and restore want a QEMU stream
     image = tmp_path / "vm.xor"
     r = vmt("save", f"xor:{image}", env=env, input=payload)
     assert r.returncode == 0, r.stderr

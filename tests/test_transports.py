@@ -3,8 +3,9 @@
 pipes, sockets, mounts (ramfs, tmpfs) and shell commands.
 
 save/restore/copy validate what passes as a QEMU migration stream, so the payloads are
-synthetic QEMU streams (:func:`qemu_stream`: random RAM pages, any length); byte-exact
-checks use ``format=raw`` or the byte-level API (``open_sink``/``open_source``).
+synthetic QEMU streams (:class:`vmtransport.testing.SyntheticStream`: random RAM pages,
+any length); byte-exact checks use ``format=raw`` or the byte-level API
+(``open_sink``/``open_source``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import array
 import errno
 import fcntl
 import hashlib
-import json
 import mmap
 import os
 import random
@@ -21,7 +21,6 @@ import shutil
 import signal
 import socket
 import stat
-import struct
 import subprocess
 import sys
 import tempfile
@@ -34,19 +33,20 @@ from typing import IO, TypeVar
 
 import pytest
 import trio
+import trio.testing
 
 import vmtransport
 from vmtransport import TransportError
-from vmtransport._usecases import REFUSED
 from vmtransport._buffers import fd_reader
 from vmtransport._pipeline import pump_blocking
-from vmtransport.testing import cached_bytes
+from vmtransport._usecases import REFUSED
+from vmtransport.testing import SyntheticStream, cached_bytes
 
 VMT = Path(sys.executable).parent / "vmtransport"
 MIB = 1 << 20
 TIMEOUT = 60
 PAGE = 4096
-SIZES = [3 * MIB, 50 * MIB]  # approximate: the streams' lengths are never page multiples
+SIZES = [3 * MIB + 1234, 50 * MIB + 4321]  # exact, and not page multiples
 IS_ROOT = os.geteuid() == 0
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -63,89 +63,6 @@ Stdin = int | IO[bytes] | None
 
 
 # --- QEMU streams ---------------------------------------------------------------------------
-
-_SID = 2  # the RAM section's id
-_BLOCK = "pc.ram"
-
-
-def _name(s: str) -> bytes:
-    return bytes((len(s),)) + s.encode()
-
-
-def _ram_setup(block_size: int) -> bytes:
-    """Header, configuration, and the RAM section's START with its block list."""
-    machine = b"pc-i440fx-7.2"
-    return b"".join(
-        [
-            b"QEVM" + struct.pack(">I", 3),
-            b"\x07" + struct.pack(">I", len(machine)) + machine,
-            b"\x01" + struct.pack(">I", _SID) + _name("ram") + struct.pack(">II", 0, 4),
-            struct.pack(">Q", block_size | 0x04) + _name(_BLOCK) + struct.pack(">Q", block_size),
-            struct.pack(">Q", 0x10) + b"\x7e" + struct.pack(">I", _SID),
-        ]
-    )
-
-
-def _ram_part(pages: Sequence[memoryview | bytes], first: int, block_size: int) -> bytes:
-    """One PART section of the RAM section carrying ``pages`` from page number ``first``."""
-    out = [b"\x02" + struct.pack(">I", _SID)]
-    for i, page in enumerate(pages):
-        off = ((first + i) * PAGE) % block_size
-        if i == 0:
-            out.append(struct.pack(">Q", off | 0x08) + _name(_BLOCK))
-        else:
-            out.append(struct.pack(">Q", off | 0x28))  # RAM_SAVE_FLAG_CONTINUE
-        out.append(bytes(page))
-    out.append(struct.pack(">Q", 0x10) + b"\x7e" + struct.pack(">I", _SID))
-    return b"".join(out)
-
-
-def _ram_end(pad: int = 0) -> bytes:
-    """The RAM section's END, QEMU's EOF marker, and the VM description (``pad`` bytes
-    of filler in it tune the stream's length)."""
-    desc = json.dumps({"page_size": PAGE, "devices": [], "pad": "x" * pad}).encode()
-    return b"".join(
-        [
-            b"\x03" + struct.pack(">I", _SID) + struct.pack(">Q", 0x10),
-            b"\x7e" + struct.pack(">I", _SID),
-            b"\x00",
-            b"\x06" + struct.pack(">I", len(desc)) + desc,
-        ]
-    )
-
-
-def qemu_stream(pages: int, *, seed: int = 0, pad: int = 0) -> bytes:
-    """A complete, valid QEMU migration stream with ``pages`` random RAM pages."""
-    block_size = max(64 * MIB, -(-pages * PAGE // MIB) * MIB)
-    data = memoryview(random.Random(seed).randbytes(pages * PAGE))
-    parts = [_ram_setup(block_size)]
-    per_part = 256
-    for first in range(0, pages, per_part):
-        chunk = [
-            data[i * PAGE : (i + 1) * PAGE] for i in range(first, min(pages, first + per_part))
-        ]
-        parts.append(_ram_part(chunk, first, block_size))
-    parts.append(_ram_end(pad))
-    return b"".join(parts)
-
-
-def stream_of_about(size: int, *, seed: int = 0) -> bytes:
-    """A valid stream of about ``size`` bytes whose length is not a multiple of 4096."""
-    s = qemu_stream(max(1, size // (PAGE + 8)), seed=seed)
-    assert len(s) % PAGE, "tune pad"
-    return s
-
-
-def big_stream(total: int) -> Iterator[bytes]:
-    """A valid stream of at least ``total`` bytes, cheaply: one 1 MiB RAM section
-    (the same 256 pages) repeated."""
-    block_size = 64 * MIB
-    pages = [random.Random(1).randbytes(PAGE)] * 256
-    yield _ram_setup(block_size)
-    part = _ram_part(pages, 0, block_size)
-    for _ in range(-(-total // len(part))):
-        yield part
-    yield _ram_end()
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -237,22 +154,17 @@ def fs_type(path: Path) -> str:
     ).stdout.strip()
 
 
-def make_stream(path: Path, size: int, *, seed: int = 0) -> Path:
-    """Write a valid QEMU stream of about ``size`` bytes to ``path``."""
-    path.write_bytes(stream_of_about(size, seed=seed))
-    return path
-
-
 @pytest.fixture(scope="module")
 def payloads(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """Valid QEMU streams of exactly SIZES bytes, in files."""
     d = tmp_path_factory.mktemp("payloads")
-    return {size: make_stream(d / f"p{size}", size, seed=size) for size in SIZES}
+    return {size: SyntheticStream(size=size, seed=size).write_to(d / f"p{size}") for size in SIZES}
 
 
 @pytest.fixture(scope="module")
 def small() -> bytes:
     """A small valid stream (3 pages)."""
-    return qemu_stream(3, seed=3)
+    return bytes(SyntheticStream(3, seed=3))
 
 
 @pytest.fixture
@@ -812,7 +724,7 @@ def test_save_to_a_fifo_in_the_default_format(tmp_path: Path, small: bytes) -> N
 
 
 def test_odirect_leaves_no_page_cache(disk_dir: Path) -> None:
-    src = make_stream(disk_dir / "src", 64 * MIB)
+    src = SyntheticStream(size=64 * MIB + 99).write_to(disk_dir / "src")
     size = src.stat().st_size
     image = disk_dir / "direct.sav"
     with open(src, "rb") as f:
@@ -836,10 +748,10 @@ def test_odirect_leaves_no_page_cache(disk_dir: Path) -> None:
     assert cached > total // 2
 
 
-@pytest.mark.parametrize("pad", [0, 1, 4000])
-def test_odirect_unaligned_stream_tails(tmp_path: Path, pad: int) -> None:
+@pytest.mark.parametrize("tail", [0, 1, 2049, 4095])
+def test_odirect_unaligned_stream_tails(tmp_path: Path, tail: int) -> None:
     """Streams whose length ends anywhere in a 4 KiB block: the file is exactly as long."""
-    stream = qemu_stream(5, seed=pad, pad=pad)
+    stream = bytes(SyntheticStream(size=5 * PAGE + 4096 + tail, seed=tail))
     image = tmp_path / "vm.sav"
     r = vmt("save", f"odirect:{image},format=raw", input=stream)
     assert r.returncode == 0, r.stderr
@@ -855,7 +767,7 @@ def test_odirect_unaligned_stream_tails(tmp_path: Path, pad: int) -> None:
 def test_odirect_write_behind_keeps_every_byte(tmp_path: Path, offset: int, fmt: str) -> None:
     """A save with two O_DIRECT writes in flight (many 8 MiB buffers, a short last one,
     a prefix to keep): every byte lands where it belongs."""
-    stream = stream_of_about(45 * MIB + 12345, seed=offset)
+    stream = bytes(SyntheticStream(size=45 * MIB + 12345, seed=offset))
     image = tmp_path / "vm.sav"
     image.write_bytes(b"P" * offset)
     r = vmt("save", f"odirect:{image},offset={offset},format={fmt}", input=stream)
@@ -1161,23 +1073,34 @@ def test_fd_socketpair_both_ways(payloads: dict[int, Path]) -> None:
 
 
 async def test_fd_open_source_on_a_pipe_in_process() -> None:
+    """The source parks on the event loop while the pipe is empty (it neither spins nor
+    blocks the thread: trio sees every task blocked), takes what arrives as it arrives,
+    and ends at EOF."""
     data = os.urandom(3 * MIB + 1)
     rfd, wfd = os.pipe()
+    got = bytearray()
 
-    def produce() -> None:
+    async def consume() -> None:
+        buf = bytearray(100_000)
+        while n := await source.readinto(memoryview(buf)):
+            got.extend(buf[:n])
+
+    def produce_the_rest() -> None:
         try:
-            os.write(wfd, data)
+            os.write(wfd, data[1000:])  # more than the pipe holds: the reader must keep up
         finally:
             os.close(wfd)
 
-    got = bytearray()
     with trio.fail_after(TIMEOUT):
         source = await vmtransport.open_source(f"fd:{rfd}")
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.to_thread.run_sync, produce)
-            buf = bytearray(100_000)
-            while n := await source.readinto(memoryview(buf)):
-                got += buf[:n]
+            nursery.start_soon(consume)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == b""  # waiting for data
+            os.write(wfd, data[:1000])
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == data[:1000]  # read at once, and waiting again
+            await trio.to_thread.run_sync(produce_the_rest)
         await source.commit()
     assert bytes(got) == data
     with pytest.raises(OSError) as info:
@@ -1236,7 +1159,7 @@ def vmt_listen(
 
 @pytest.mark.parametrize("listen_pid", ["-", "self"])
 def test_fd_name_save_and_restore(tmp_path: Path, listen_pid: str) -> None:
-    data = qemu_stream(300, seed=7)
+    data = bytes(SyntheticStream(300, seed=7))
     decoy, out = tmp_path / "decoy", tmp_path / "out"
     d = os.open(decoy, os.O_WRONLY | os.O_CREAT, 0o600)
     o = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)

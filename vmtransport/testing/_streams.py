@@ -1,7 +1,7 @@
 """Synthetic QEMU migration streams for tests: element by element, or whole and valid.
 
 The layout follows QEMU's ``migration/savevm.c`` and ``migration/ram.c`` (big-endian
-throughout; see docs and vmtransport.stream for the grammar):
+throughout; vmtransport.stream reads the same grammar):
 
     header         "QEVM", be32 3
     configuration  0x07, be32 len, machine type [, subsections 0x05 ...]
@@ -200,6 +200,13 @@ class _Pages(Sequence[PageRecord]):
 
     def __len__(self) -> int:
         return self._s.pages
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
 
     @overload
     def __getitem__(self, i: int) -> PageRecord: ...
@@ -447,7 +454,9 @@ class SyntheticStream:
 
     Nothing is generated until asked: :meth:`chunks` yields the stream a section at a time
     (a multi-GiB stream never sits in memory), ``bytes(stream)`` gives it whole;
-    :attr:`layout` says where every part of it is.
+    :attr:`layout` says where every part of it is. The knobs are attributes: read them,
+    do not change them. A real QEMU would not load the stream (the device states are
+    made up); vmtransport's parser finds it complete.
     """
 
     def __init__(
