@@ -2,6 +2,7 @@
 """Save and restore a real VM of random RAM through vmtransport and the alternatives.
 
     .venv/bin/python bench/bench.py [--mem-mib 2048] [--rounds 3] [--qemu 7.2,10.0]
+        [--only STR,...] [--saves-only] [--variant NAME=PATH[:ENV=VAL,...]]... [--json FILE]
 
 Per QEMU version, every round runs each contender once, in turn (alternating, so drift
 hits all alike; each round starts one contender later than the one before, and the
@@ -21,6 +22,15 @@ save:    the producer's limit (a 1 MiB-pipe discard sink), vmtransport odirect: 
 restore: the consumer's limit (the image on tmpfs, spliced into a 1 MiB pipe),
          vmtransport odirect: and file:, ``exec:cat FILE``, ``dd iflag=direct``,
          libvirt_iohelper with an O_DIRECT fd, and QEMU's native file: loads.
+variants (``--variant NAME=PATH[:ENV=VAL,...]``, repeatable): other vmtransports — a
+         checkout (its .venv's console script, or this interpreter with the checkout
+         first on PYTHONPATH), a virtualenv, a venv's python, or any executable that
+         runs vmtransport's CLI — run with these environment variables, as contenders
+         "variant NAME: save odirect:" and "variant NAME: restore odirect:" in every
+         round (``--variant-schemes odirect,file`` for file: too). Each restores the image
+         its own save wrote. With two or more, a table per direction compares them with
+         the first, paired per round. ``--only variant`` leaves out the built-in rows
+         (the limits, disk alone and, for restores, cat's bare stream still run).
 both:    "disk alone" (no QEMU, always run, like the limits): the image's size written
          or read with O_DIRECT in 8 MiB requests from huge-page-backed memory, several
          in flight — what the disk itself does in that round. When it is slower than a
@@ -41,6 +51,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shlex
 import shutil
 import statistics
 import sys
@@ -107,7 +119,8 @@ SAVES = [
 
 RESTORES = [
     Contender("limit: tmpfs image, 1 MiB-pipe splice",
-              lambda i, c: timed(f"{LIMITS} serve /dev/shm/vmtbench-img", c), limit=True),
+              lambda i, c: timed(f"{LIMITS} serve /dev/shm/vmtbench-img", c), image=None,
+              limit=True),
     Contender("vmtransport restore odirect:",
               lambda i, c: timed(f"{VMT} restore odirect:{i}", c)),
     Contender("vmtransport restore file:", lambda i, c: timed(f"{VMT} restore file:{i}", c),
@@ -127,6 +140,84 @@ RESTORES = [
     Contender("disk alone: O_DIRECT read, no QEMU", lambda i, c: "", image="img-disk",
               helper=False, alone=lambda i, mib: [*LIMITS.split(), "disk-read", str(i)]),
 ]  # fmt: skip
+
+
+#: How a checkout without a virtualenv is run: what the console script does.
+LAUNCH = "import sys; from vmtransport._main import main; sys.exit(main())"
+
+
+@dataclass
+class Variant:
+    """Another vmtransport to compare in the same rounds (``--variant``): a command that
+    runs it, and environment variables to run it with."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+    def command(self, *args: str) -> str:
+        """The shell command (QEMU's exec: runs it through /bin/sh) that runs ``args``."""
+        env = [f"{k}={v}" for k, v in self.env.items()]
+        return shlex.join([*(["env", *env] if env else []), *self.argv, *args])
+
+
+def variant_argv(path: Path) -> tuple[list[str], dict[str, str]]:
+    """The command that runs the vmtransport at ``path``: a checkout (its .venv's console
+    script, or this interpreter with the checkout first on PYTHONPATH), a virtualenv, a
+    venv's python (its console script beside it) or any executable."""
+    if path.is_dir():
+        for script in (path / ".venv/bin/vmtransport", path / "bin/vmtransport"):
+            if script.is_file():
+                return [str(script)], {}
+        if (path / "vmtransport/__init__.py").is_file():
+            return [sys.executable, "-P", "-c", LAUNCH], {"PYTHONPATH": str(path)}
+        raise ValueError(f"{path}: neither a checkout of vmtransport nor a virtualenv")
+    if path.name.startswith("python") and os.access(path, os.X_OK):
+        script = path.parent / "vmtransport"
+        return ([str(script)] if script.is_file() else [str(path), "-P", "-c", LAUNCH]), {}
+    if path.is_file() and os.access(path, os.X_OK):
+        return [str(path)], {}
+    raise ValueError(f"{path}: not a directory or an executable")
+
+
+def parse_variant(spec: str) -> Variant:
+    """``NAME=PATH[:ENV=VAL,...]`` (see --variant)."""
+    name, eq, rest = spec.partition("=")
+    if not eq or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+        raise ValueError(f"--variant {spec!r}: expected NAME=PATH[:ENV=VAL,...], NAME of "
+                         "letters, digits and _.+-")
+    path, _, envs = rest.partition(":")
+    if not path:
+        raise ValueError(f"--variant {spec!r}: no path")
+    env: dict[str, str] = {}
+    for item in filter(None, envs.split(",")):
+        key, eq, val = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--variant {spec!r}: {item!r} is not ENV=VAL")
+        env[key] = val
+    try:
+        argv, implied = variant_argv(Path(os.path.abspath(os.path.expanduser(path))))
+    except ValueError as exc:
+        raise ValueError(f"--variant {spec!r}: {exc}") from None
+    return Variant(name, argv, {**implied, **env})
+
+
+def variant_contenders(variants: list[Variant], schemes: list[str]) -> tuple[
+        list[Contender], list[Contender]]:
+    """Each variant's save and restore per scheme; a restore reads its own save's image."""
+    saves, restores = [], []
+    for v in variants:
+        for scheme in schemes:
+            image = f"img-v-{v.name}-{scheme}"
+            saves.append(Contender(f"variant {v.name}: save {scheme}:",
+                                   _variant_uri(v, "save", scheme), image=image))
+            restores.append(Contender(f"variant {v.name}: restore {scheme}:",
+                                      _variant_uri(v, "restore", scheme), image=image))
+    return saves, restores
+
+
+def _variant_uri(v: Variant, command: str, scheme: str) -> Callable[[Path, Path], str]:
+    return lambda image, cpu: timed(v.command(command, f"{scheme}:{image}"), cpu)
 
 
 def run_alone(work: Path, mem: int, c: Contender) -> Run:
@@ -221,7 +312,8 @@ def run_save(qemu: str, work: Path, src_ram: Path, mem: int, c: Contender) -> Ru
         info = vm.wait_migration(timeout=600, poll=0.01)
         wall = time.monotonic() - start
         if info["status"] != "completed":
-            raise RuntimeError(f"{c.name}: migration {info['status']}: {info.get('error-desc')}")
+            raise RuntimeError(f"{c.name}: migration {info['status']}: {info.get('error-desc')}"
+                               f"\n--- {vm.log_path} ---\n{vm.log()}")
         # QEMU 7.2 can answer "completed" before it has stored total-time: ask again.
         time.sleep(0.02)
         seconds = vm.query_migrate().get("total-time", 0) / 1000 or wall
@@ -322,6 +414,8 @@ def rotated(contenders: list[Contender], rnd: int) -> list[Contender]:
     """Round ``rnd``'s order: each round starts one contender later, so that a run's
     place in its round — which matters on this machine, for reasons not established
     (see docs/performance.md) — touches every contender alike."""
+    if not contenders:  # --saves-only: no restores
+        return []
     k = rnd % len(contenders)
     return contenders[k:] + contenders[:k]
 
@@ -340,6 +434,7 @@ def _alone(contenders: list[Contender]) -> str:
 
 def bench_version(version: str, qemu: str, args: argparse.Namespace) -> list[str]:
     major = int(version.split(".")[0])
+    load_start = os.getloadavg()
     work = Path(args.dir) / f"qemu{version}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -350,10 +445,13 @@ def bench_version(version: str, qemu: str, args: argparse.Namespace) -> list[str
         return major >= c.min_qemu and (c.limit or c.alone is not None or not args.only
                                         or any(o in c.name for o in args.only.split(",")))
 
-    restores = [c for c in RESTORES if wanted(c)] if not args.saves_only else []
+    var_saves, var_restores = variant_contenders(args.variants, args.variant_schemes)
+    all_restores = RESTORES + var_restores
+    restores = [c for c in all_restores if wanted(c)] if not args.saves_only else []
     # A restore reads what a save contender wrote; the limit reads cat's bare stream.
     needed = {c.image for c in restores} | ({"img-cat"} if restores else set())
-    saves = [c for c in SAVES if wanted(c) or (major >= c.min_qemu and c.image in needed)]
+    saves = [c for c in SAVES + var_saves
+             if wanted(c) or (major >= c.min_qemu and c.image in needed)]
     save_runs: dict[str, list[Run]] = {c.name: [] for c in saves}
     cost = "(no bare stream saved: validation cost not measured)"
     restore_runs: dict[str, list[Run]] = {c.name: [] for c in restores}
@@ -378,17 +476,51 @@ def bench_version(version: str, qemu: str, args: argparse.Namespace) -> list[str
         Path("/dev/shm/vmtbench-img").unlink(missing_ok=True)
         clear_images(work)
     shutil.rmtree(work, ignore_errors=True)
+    load_end = os.getloadavg()
     v = qemu_version(qemu)
-    return [
-        f"QEMU {v}. {cost}",
-        "",
-        table(f"QEMU {v}: save ({args.mem_mib} MiB of random RAM, {args.rounds} rounds)",
-              args.mem_mib, save_runs, saves[0].name, _alone(saves)),
-        "",
-        *([table(f"QEMU {v}: restore ({args.mem_mib} MiB, {args.rounds} rounds)",
-                 args.mem_mib, restore_runs, restores[0].name, _alone(restores)), ""]
-           if restores else []),
-    ]
+    RAW[version] = {"save": {k: [r.seconds for r in rs] for k, rs in save_runs.items()},
+                    "restore": {k: [r.seconds for r in rs] for k, rs in restore_runs.items()},
+                    "load": [load_start, load_end]}
+    load = (f"Load average (1, 5, 15 min) at the start {fmt_load(load_start)}, "
+            f"at the end {fmt_load(load_end)}.")
+    lines = [f"QEMU {v}. {cost} {load}", ""]
+    for what, runs, cs in (("save", save_runs, saves), ("restore", restore_runs, restores)):
+        if not cs:
+            continue
+        title = (f"QEMU {v}: save ({args.mem_mib} MiB of random RAM, {args.rounds} rounds)"
+                 if what == "save" else
+                 f"QEMU {v}: restore ({args.mem_mib} MiB, {args.rounds} rounds)")
+        lines += [table(title, args.mem_mib, runs, cs[0].name, _alone(cs)), ""]
+        named = [c.name for c in cs if c.name.startswith("variant ")]
+        if len(named) > 1:
+            lines += [variant_table(f"QEMU {v}: {what}, variants paired", runs, named), ""]
+    return lines
+
+
+def fmt_load(load: tuple[float, float, float]) -> str:
+    return " ".join(f"{x:.2f}" for x in load)
+
+
+def variant_table(title: str, runs: dict[str, list[Run]], names: list[str]) -> str:
+    """The variants against the first one: ratio of medians, and paired (the median over
+    rounds of the first one's time / this one's in the same round); > 1: this is slower."""
+    ref = names[0]
+    ref_med = median([r.seconds for r in runs[ref]])
+    out = [f"#### {title} (against {ref}; below 1.00: slower than it)", "",
+           "| variant | median s | median / this | paired | per round |",
+           "|---|---:|---:|---:|---|"]  # fmt: skip
+    for name in names:
+        sec = median([r.seconds for r in runs[name]])
+        ratios = [a.seconds / b.seconds for a, b in zip(runs[ref], runs[name], strict=True)]
+        paired = median(list(ratios))
+        assert sec is not None and ref_med is not None and paired is not None
+        out.append(f"| {name} | {sec:.3f} | {ref_med / sec:.3f} | {paired:.3f} | "
+                   f"{' '.join(f'{x:.2f}' for x in ratios)} |")
+    return "\n".join(out)
+
+
+#: the raw runs per QEMU version, for --json
+RAW: dict[str, Any] = {}
 
 
 def main() -> None:
@@ -402,9 +534,26 @@ def main() -> None:
     p.add_argument("--only", help="only contenders whose name contains one of these "
                    "comma-separated strings (the limits always run)")
     p.add_argument("--saves-only", action="store_true")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=PATH[:ENV=VAL,...]",
+                   help="also run the vmtransport at PATH (a checkout, a virtualenv, a "
+                   "venv's python or an executable) with these environment variables, as "
+                   "contenders 'variant NAME: save/restore SCHEME:' in every round; "
+                   "repeatable")
+    p.add_argument("--variant-schemes", default="odirect",
+                   help="the variants' target schemes, comma-separated (default: odirect)")
     p.add_argument("--drop-caches", action="store_true",
                    help="drop the whole page cache before each run, not only the images'")
     args = p.parse_args()
+    try:
+        args.variants = [parse_variant(v) for v in args.variant]
+    except ValueError as exc:
+        sys.exit(f"bench.py: {exc}")
+    if len({v.name for v in args.variants}) != len(args.variants):
+        sys.exit("bench.py: --variant: two variants of the same NAME")
+    args.variant_schemes = [x for x in args.variant_schemes.split(",") if x]
+    if not set(args.variant_schemes) <= {"odirect", "file"}:
+        sys.exit(f"bench.py: --variant-schemes {','.join(args.variant_schemes)}: "
+                 "odirect and file only")
     global DROP_ALL
     DROP_ALL = args.drop_caches
     if os.geteuid() != 0:
@@ -413,13 +562,17 @@ def main() -> None:
     cold = "page cache dropped" if DROP_ALL else "images evicted from the page cache"
     lines = [f"`{' '.join(sys.argv)}` — {os.cpu_count()} cores, "
              f"kernel {os.uname().release}, images on {args.dir}, {cold} before each run", ""]
+    lines += [f"Variant {v.name}: `{v.command()}`" for v in args.variants]
+    lines += [""] if args.variants else []
     for version in args.qemu.split(","):
         if version not in qemus:
             sys.exit(f"bench.py: QEMU {version} not found; run scripts/setup.sh")
         lines += bench_version(version, qemus[version], args)
     print("\n".join(lines))
     if args.json:
-        Path(args.json).write_text(json.dumps({"table": lines}, indent=1))
+        variants = {v.name: v.command() for v in args.variants}
+        Path(args.json).write_text(
+            json.dumps({"table": lines, "runs": RAW, "variants": variants}, indent=1))
     Path("/dev/shm/vmtbench-src.ram").unlink(missing_ok=True)
 
 
