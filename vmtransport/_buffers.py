@@ -1,10 +1,10 @@
-"""The buffer pool's reader: what the ``vmtransport`` command starts before anything else.
+"""The buffer pool and its reader threads: what a save helper starts first.
 
 QEMU blocks as soon as the pipe to a save helper is full (1 MiB), so the helper starts
-reading QEMU's stream into its buffer pool a few milliseconds after the interpreter is up,
-and imports the rest of the package while the stream flows (see ``_main``). Hence this
-module imports C modules only: ``_thread`` and ``_queue`` rather than ``threading`` and
-``queue``, no ``typing`` at run time — on a loaded 2-core host each of those costs
+reading QEMU's stream into this pool right after parsing its command line, and imports
+the rest of the package while the stream flows (see ``_cli``). Hence this module imports
+C modules only (and ``_errors``, which imports nothing): ``_thread`` and ``_queue``
+rather than ``threading`` and ``queue``, no ``typing`` at run time — each of those costs
 milliseconds of a migration that is blocked.
 """
 
@@ -53,7 +53,7 @@ class Checksum:
     __slots__ = ("_hasher", "length")
 
     def __init__(self) -> None:
-        self._hasher: Any = None  # created on the first update: xxhash loads in ~1 ms
+        self._hasher: Any = None  # created on the first update: loading xxhash costs start-up time
         self.length = 0
 
     def _get(self) -> Any:
@@ -94,10 +94,9 @@ def aligned_buffer(size: int) -> mmap.mmap:
 
     Backed by transparent huge pages where the kernel offers them (``madvise`` mode):
     fewer TLB misses for the copy out of the pipe, cheaper page pinning, and O_DIRECT
-    requests of few, large segments — reading 2 GiB of a virtio disk here took 1.3-1.4 s
-    into such buffers and 2.7-3.2 s into 4 KiB pages (a shared mapping, as dd's
-    buffers), whatever the number of reads in flight. Private mappings only: shared
-    anonymous memory is shmem, which does not get huge pages here.
+    requests of few, large segments: O_DIRECT reads into such buffers ran about twice as
+    fast as into 4 KiB pages (docs/performance.md, "Figures cited from the code").
+    Private mappings only: shared anonymous memory is shmem, which gets no huge pages.
     """
     buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if size >= _HUGE_PAGE:
@@ -163,8 +162,8 @@ class BlockingReader:
 
     ``at=(pread, start, end)`` instead reads the bytes ``start:end`` of a file with
     ``pread(buf, pos)``, ``depth`` buffers at once (``read`` is then unused): one O_DIRECT
-    read at a time leaves the disk idle between requests (2 GiB took 1.43 s at depth 1,
-    1.30 s at depth 3 here; the pool's huge pages matter more, see aligned_buffer).
+    read at a time leaves the disk idle between requests (docs/performance.md has the
+    figures; the pool's huge pages matter more, see aligned_buffer).
 
     ``checksum=True`` (sequential reads only): :attr:`checksum` accumulates the hash of
     every byte read, computed in this thread right after each read, while the bytes are
