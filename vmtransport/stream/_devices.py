@@ -64,6 +64,19 @@ def _runstate(t: bytes, pos: int, size: int) -> str | None:
     return raw.decode("ascii", "replace") if raw and printable(raw) else None
 
 
+
+def _device_section(t: bytes, p: int, eof: int, base: int) -> tuple[SectionStart, int]:
+    """The header of the device section at ``p`` of the tail (only FULL sections come
+    after the last RAM section): its start and length."""
+    if t[p] != SEC_FULL:
+        raise StreamError(
+            f"unexpected section type 0x{t[p]:02x} in the device state at offset {base + p}"
+        )
+    hdr = section_header(t, p, eof, base)
+    if hdr is None:
+        raise StreamError(f"truncated section header at offset {base + p}")
+    return hdr
+
 class DeviceParser:
     """StreamParser's device state part: opaque sections, and the tail."""
 
@@ -299,14 +312,7 @@ class DeviceParser:
                 "footers nor a VM description"
             )
         while p < eof:
-            if t[p] != SEC_FULL:
-                raise StreamError(
-                    f"unexpected section type 0x{t[p]:02x} in the device state at offset {base + p}"
-                )
-            hdr = section_header(t, p, eof, base)
-            if hdr is None:
-                raise StreamError(f"truncated section header at offset {base + p}")
-            start, hlen = hdr
+            start, hlen = _device_section(t, p, eof, base)
             nxt = self._next_footer(t, p + hlen, start.section_id, eof)
             if nxt is None:
                 # Without a description, EOF was only a guess (the last byte was 0).
@@ -336,14 +342,7 @@ class DeviceParser:
         p = 0
         j = 0
         while p < eof:
-            if t[p] != SEC_FULL:
-                raise StreamError(
-                    f"unexpected section type 0x{t[p]:02x} in the device state at offset {base + p}"
-                )
-            hdr = section_header(t, p, eof, base)
-            if hdr is None:
-                raise StreamError(f"truncated section header at offset {base + p}")
-            start, hlen = hdr
+            start, hlen = _device_section(t, p, eof, base)
             if p == 0:  # early-setup devices, listed first, were streamed before RAM
                 while j < len(names) and names[j] != (start.idstr, start.instance_id):
                     j += 1
