@@ -16,11 +16,15 @@ import fcntl
 import os
 import select
 import stat
-from typing import Final
+import sys
+from typing import TYPE_CHECKING, Final
 
 from ._buffers import grow_pipe
-from ._errors import io_error
+from ._errors import Interrupted, TransportError, io_error
 from ._transport import Sink, Source, ThreadedSource
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 #: alignment for O_DIRECT buffers, lengths and offsets (covers 512 and 4096-byte sectors)
 DIRECT_ALIGN: Final = 4096
@@ -138,6 +142,24 @@ class NullSink(Sink):
         pass
 
 
+#: at commit, how long a pipe's reader may take none of the stream's last bytes (or a
+#: socket's peer acknowledge none of them) before the save fails (see FdSink)
+DRAIN_STALL = 30.0
+
+#: SIOCOUTQ (linux/sockios.h): bytes a socket has sent that the peer has not yet taken
+#: (AF_UNIX: not yet read; TCP: not yet acknowledged)
+_SIOCOUTQ: Final = 0x5411
+
+
+#: FIONREAD (asm-generic/ioctls.h): on a pipe, either end, the bytes not yet read
+_FIONREAD: Final = 0x541B
+
+
+def _queued(fd: int, request: int) -> int:
+    """An ioctl that reports a count of bytes as an int (FIONREAD, SIOCOUTQ)."""
+    return int.from_bytes(fcntl.ioctl(fd, request, bytes(4)), sys.byteorder)
+
+
 class FdSink(Sink):
     """Blocking writes to an fd (from the pump's writer thread).
 
@@ -146,13 +168,29 @@ class FdSink(Sink):
     Regular files are fdatasync'ed on commit (EINVAL/EROFS mean "cannot sync": ignored).
     Writes stay synchronous: a write-behind thread for pipes (QEMU's restore channel)
     measured no faster, and mostly slower (see docs/performance.md).
+
+    With ``confirm`` (``fd:``), commit succeeds only once the consumer took the whole
+    stream: on a pipe, once no byte is left unread in it (FIONREAD on the write end); a
+    reader that closes its end with bytes unread fails the save. On a socket, the
+    sending side is shut down (the peer sees the end of the stream) and commit waits
+    until no byte is left unread by the peer (SIOCOUTQ; over TCP: unacknowledged); an
+    error on the socket (the peer closed it with bytes unread: ECONNRESET) fails the
+    save. Either wait fails after :attr:`stall` seconds (:data:`DRAIN_STALL`) in which
+    the consumer took nothing, and ends (Interrupted) when :meth:`cancel` is called.
+    Other descriptors (ttys, character devices) are not checked.
     """
 
-    def __init__(self, fd: int, label: str, *, close: bool = True) -> None:
+    def __init__(self, fd: int, label: str, *, close: bool = True, confirm: bool = False) -> None:
         self.fd = fd
         self.label = label
         self._close = close
-        self._regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        mode = os.fstat(fd).st_mode
+        self._regular = stat.S_ISREG(mode)
+        self._confirm = confirm and (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode))
+        self._socket = stat.S_ISSOCK(mode)
+        self._cancelled = False
+        #: commit's wait for the consumer fails after this many seconds without progress
+        self.stall: float | None = DRAIN_STALL
         self.started = False  # a write began (some of it may have gone out)
         self._splice: _PageLender | None = None
         if grow_pipe(fd) and _read_by_qemu(fd):
@@ -168,6 +206,72 @@ class FdSink(Sink):
         except OSError as exc:
             raise io_error(f"writing {self.label}", exc) from exc
 
+    def unread(self, done: Callable[[], bool] | None = None) -> int:
+        """Wait until the reader of pipe :attr:`fd` took every byte written to it; return
+        how many it left unread: 0, or what is left when the reader closed its end or
+        ``done()`` became true (``exec:``: the command exited)."""
+        poller = select.poll()
+        poller.register(self.fd, 0)  # POLLERR (no reader left) is always reported
+
+        def gone() -> bool:
+            return bool(poller.poll(0)) or (done is not None and done())
+
+        return self._wait_taken(lambda: _queued(self.fd, _FIONREAD), gone, "reader")
+
+    def _socket_taken(self) -> None:
+        """Shut the sending side down, then wait until the peer took every byte."""
+        import socket
+
+        sock = socket.socket(fileno=os.dup(self.fd))
+
+        def left() -> int:
+            n = _queued(self.fd, _SIOCOUTQ)
+            # Checked after the count: a peer closing with bytes unread sets the error
+            # before it drops them, which empties our count too.
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err == errno.ECONNRESET:
+                raise TransportError(
+                    f"{self.label}: the peer closed the connection before it took the "
+                    "whole stream"
+                )
+            if err:
+                raise OSError(err, os.strerror(err))
+            return n
+
+        try:
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                if exc.errno != errno.ENOTCONN:
+                    raise
+            self._wait_taken(left, lambda: False, "peer")
+        except OSError as exc:
+            raise io_error(f"ending {self.label}", exc) from exc
+        finally:
+            sock.close()
+
+    def _wait_taken(self, count: Callable[[], int], gone: Callable[[], bool], who: str) -> int:
+        """Poll ``count()``, the bytes the consumer has yet to take, until it is 0 or
+        ``gone()``; return the last count. Raises after :attr:`stall` seconds in which
+        the count did not move, or once :meth:`cancel` was called."""
+        import time
+
+        delay, last, since = 0.001, -1, time.monotonic()
+        while (left := count()) and not gone():
+            if self._cancelled:
+                raise Interrupted(f"{self.label}: cancelled")
+            now = time.monotonic()
+            if left != last:
+                last, since, delay = left, now, 0.001
+            elif self.stall is not None and now - since >= self.stall:
+                raise TransportError(
+                    f"{self.label}: the {who} stopped taking the stream before its end "
+                    f"(nothing taken for {self.stall:g} s)"
+                )
+            time.sleep(delay)  # nothing to poll for: a pipe signals room, not emptiness
+            delay = min(delay * 2, 0.05)
+        return count() if left else 0
+
     def _release(self) -> None:
         if self._close and self.fd >= 0:
             os.close(self.fd)
@@ -180,10 +284,25 @@ class FdSink(Sink):
             except OSError as exc:
                 if exc.errno not in (errno.EINVAL, errno.EROFS):
                     raise io_error(f"syncing {self.label}", exc) from exc
+        elif self._confirm and self._socket:
+            self._socket_taken()
+        elif self._confirm:
+            try:
+                left = self.unread()
+            except OSError as exc:
+                raise io_error(f"ending {self.label}", exc) from exc
+            if left:
+                raise TransportError(
+                    f"{self.label}: the reader closed the pipe with {left} bytes of the "
+                    "stream unread"
+                )
         try:
             self._release()
         except OSError as exc:
             raise io_error(f"closing {self.label}", exc) from exc
+
+    def cancel(self) -> None:
+        self._cancelled = True  # ends a wait in commit (never a blocked write)
 
     def abort(self) -> None:
         try:

@@ -60,8 +60,14 @@ class Sink(abc.ABC):
     @abc.abstractmethod
     def commit(self) -> None:
         """The stream is complete: make it durable and visible under its final name.
+        Return only once the whole stream reached its target: a consumer (a command,
+        a pipe's reader, a socket's peer, an inner sink) that may have stopped short
+        of the end must be found to have taken every byte, and commit raises if it did
+        not or cannot be told (``exec:`` waits for its command to read the pipe empty
+        and exit 0; ``fd:`` on a pipe or socket waits until nothing is left unread).
         If it raises, nothing may be visible under that name; abort follows (so it
-        must be safe after a failed commit)."""
+        must be safe after a failed commit). It may block; :meth:`cancel` ends such a
+        wait."""
 
     @abc.abstractmethod
     def abort(self) -> None:

@@ -1,6 +1,7 @@
 """``exec:CMD`` — ``/bin/sh -c CMD`` as QEMU runs it.
 
-Save feeds the command's stdin; restore reads its stdout. Its stderr passes through to
+Save feeds the command's stdin (and succeeds only if the command read all of it and
+exited 0: see ExecSink); restore reads its stdout. Its stderr passes through to
 ours and its last lines are kept: a non-zero exit becomes an error quoting them.
 """
 
@@ -12,7 +13,7 @@ import signal
 import sys
 from typing import final
 
-from .._errors import CommandError, TransportError
+from .._errors import CommandError, TransportError, io_error
 from .._io import FdSink, FdSource
 from .._transport import Sink, Source, Transport
 
@@ -98,9 +99,16 @@ class _Child:
 
 @final
 class ExecSink(Sink):
+    """Feeds the command's stdin. Commit succeeds only if the command took the whole
+    stream and exited 0: it waits until the command has read every byte left in the
+    pipe (for as long as the command runs: no time limit, cancel stops it), then closes
+    the pipe and waits for the exit. A command that exits, with any status, while bytes
+    of the stream are still unread in its pipe (``head -c 100``) fails the save."""
+
     def __init__(self, child: _Child) -> None:
         self._child = child
         self._out = FdSink(child.take(child.proc.stdin), child.label)
+        self._out.stall = None  # the command is ours: wait as long as it runs
 
     def write(self, data: memoryview) -> None:
         try:
@@ -114,16 +122,29 @@ class ExecSink(Sink):
 
     def commit(self) -> None:
         try:
+            left = self._out.unread(lambda: self._child.proc.poll() is not None)
+        except OSError as exc:
+            raise io_error(f"ending {self._child.label}", exc) from exc
+        try:
             self._out.commit()
         finally:
-            self._child.finish()
+            code = self._child.wait()
+        if code != 0:
+            raise self._child.failure(code, " before taking the whole stream" if left else "")
+        if left:
+            raise CommandError(
+                f"{self._child.label}: the command exited 0 but left {left} bytes of the "
+                "stream unread"
+            )
 
     def abort(self) -> None:
         self._out.abort()
         self._child.kill()
 
     def cancel(self) -> None:
-        # A write blocked on the command's full stdin returns (EPIPE) once it is gone.
+        # A write blocked on the command's full stdin returns (EPIPE) once it is gone;
+        # commit's wait for the command to read the rest ends too.
+        self._out.cancel()
         self._child.terminate()
 
 

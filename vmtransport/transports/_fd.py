@@ -62,7 +62,7 @@ class FdTransport(Transport):
         return fd
 
     def open_sink(self) -> Sink:
-        return FdSink(self._fd(), str(self.uri))
+        return FdSink(self._fd(), str(self.uri), confirm=True)
 
     async def open_source(self) -> Source:
         return fd_source(self._fd(), str(self.uri))
