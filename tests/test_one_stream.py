@@ -147,3 +147,30 @@ def test_description_event_only_for_the_real_end() -> None:
     events = p.feed(s) + p.close()
     assert sum(isinstance(e, VMDescription) for e in events) == 1
     assert p.eof_offset == description_at_end(s)[0]
+
+
+def test_real_qemu_with_suppress_vmdesc(qemu: str, tmp_path: Path) -> None:
+    """QEMU 7.2 and 10.0 with ``suppress-vmdesc=on`` write nothing after EOF: the
+    stream is what a cut one looks like, so ``save`` refuses it and says why; the same
+    stream is complete to a parser told that the machine suppresses the description."""
+    import shlex
+    import time
+
+    from qemuvm import VM
+
+    raw, out, err = tmp_path / "vm.cat", tmp_path / "out", tmp_path / "save.err"
+    out.mkdir()
+    v = shlex.quote(str(VMT))
+    cmd = f"tee {raw} | {v} save file:{out / 'vm.sav'} 2>{err}"
+    with VM(qemu, tmp_path, name="src", machine="pc,suppress-vmdesc=on", paused=True) as vm:
+        vm.migrate("exec:" + cmd)
+        vm.wait_migration(timeout=120)
+    deadline = time.monotonic() + 30
+    while not err.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)  # the helper may still be exiting
+    data = raw.read_bytes()
+    p = parse(data, require_description=False)
+    assert p.complete and p.description is None and p.eof_offset == len(data) - 1
+    line = one_error_line(err.read_text())
+    assert "VM description is missing" in line and "suppress-vmdesc=on" in line, line
+    assert listing(out) == []
