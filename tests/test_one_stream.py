@@ -174,3 +174,14 @@ def test_real_qemu_with_suppress_vmdesc(qemu: str, tmp_path: Path) -> None:
     line = one_error_line(err.read_text())
     assert "VM description is missing" in line and "suppress-vmdesc=on" in line, line
     assert listing(out) == []
+
+
+def test_two_big_streams_are_refused_for_what_they_are() -> None:
+    """A second stream whose RAM overflows the device-state buffer is named as such."""
+    s = SyntheticStream(18000, distinct_pages=4)  # 70 MiB of RAM
+    p = StreamParser()
+    with pytest.raises(StreamError, match=f"{AFTER_END} \\(another stream starts at offset"):
+        for _ in range(2):
+            for chunk in s.chunks():
+                p.feed(chunk)
+        p.close()

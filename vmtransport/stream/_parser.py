@@ -243,6 +243,12 @@ class StreamParser(RAMParser, DeviceParser):
             elif state == S_TAIL:
                 self._tail += mv[pos:end]
                 if len(self._tail) > MAX_TAIL:
+                    second = self._tail.find(MAGIC + BE32.pack(QEMU_VM_FILE_VERSION))
+                    if second >= 0:  # refused anyway: name the likelier cause
+                        raise StreamError(
+                            f"bytes after the end of QEMU's stream (another stream starts "
+                            f"at offset {self._tail_off + second}): one stream per image"
+                        )
                     raise StreamError(
                         f"device state after RAM exceeds {MAX_TAIL >> 20} MiB "
                         f"(from offset {self._tail_off}): not a plausible QEMU stream"
