@@ -459,7 +459,7 @@ def _violation(data: bytes) -> str | None:
     # section's idstr as it meets it, the rest at the end.
     if data[p] == 0x04:
         name_at(p + 5)
-    parser = StreamParser()
+    parser = StreamParser(require_description=False)  # checked below, as QEMU's format has it
     try:
         events = parser.feed(data) + parser.close()
     except vmtransport.StreamError as exc:

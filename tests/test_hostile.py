@@ -460,8 +460,12 @@ def test_changed_payload_bytes_are_caught_by_the_structure_or_the_checksum(
     assert str(verified) == str(restored)
     if len(damaged) == len(images[name]):  # (two flips that cancel out make it shorter)
         violation = stream_violation(damaged[HEADER:])
-        late = violation is None or violation in LAX_SPOTS or violation.startswith(TAIL)
-        assert ("checksum mismatch" in str(verified)) == late, (violation, verified)
+        # A rule the parser does not check (LAX_SPOTS) lets it read on: the bytes after
+        # it may still break the structure (an empty machine type leaves the name to be
+        # read as sections), so either reason is right there.
+        if violation not in LAX_SPOTS:
+            late = violation is None or violation.startswith(TAIL)
+            assert ("checksum mismatch" in str(verified)) == late, (violation, verified)
 
 
 @pytest.mark.parametrize("what", list(CONTENT))

@@ -128,8 +128,8 @@ def test_save_refuses_an_endless_non_qemu_stream_without_reading_it_all(tmp_path
 
 
 def cuts(stream: bytes) -> dict[str, int]:
-    """Where to cut a real stream: every cut is before QEMU's EOF or inside the VM
-    description that follows it."""
+    """Where to cut a real stream: every cut is before QEMU's EOF, right after it (the
+    VM description lost) or inside the VM description that follows it."""
     eof, _ = description_at_end(stream)
     return {
         "empty": 0,
@@ -138,6 +138,7 @@ def cuts(stream: bytes) -> dict[str, int]:
         "mid-ram": len(stream) // 2,
         "in-device-state": eof - 700,
         "just-before-eof": eof,
+        "eof-only-description-lost": eof + 1,
         "description-type-only": eof + 2,
         "in-description-json": eof + 6 + 40,
         "last-byte-missing": len(stream) - 1,

@@ -46,6 +46,7 @@ class VerifyingReader(Sink):
         self.devices: list[DeviceSection] = []
         self.commands: list[Command] = []
         self._parser_failed = False
+        self._parser_closed = False
         self.format: str | None = None
         self.header: ImageHeader | None = None
         self.libvirt: LibvirtHeader | None = None
@@ -134,7 +135,7 @@ class VerifyingReader(Sink):
         else:
             self._stream(data)
 
-    def _stream(self, data: memoryview) -> None:
+    def _stream(self, data: memoryview, *, forward: bool = True) -> None:
         """Bytes of the bare QEMU stream: validate, then hand on."""
         if not self._parser_failed:
             try:
@@ -143,7 +144,17 @@ class VerifyingReader(Sink):
                 self._parser_failed = True
                 self._problem(f"{self.label}: {exc}")
         self.stream_length += len(data)
-        self._inner.write(data)
+        if forward:
+            self._inner.write(data)
+
+    def _close_parser(self) -> None:
+        if self._parser_failed or self._parser_closed:
+            return
+        self._parser_closed = True
+        try:
+            self._events(self.parser.close())
+        except StreamError as exc:
+            self._problem(f"{self.label}: incomplete migration stream: {exc}")
 
     def _image_payload(self, data: memoryview) -> None:
         header = self.header
@@ -177,11 +188,7 @@ class VerifyingReader(Sink):
             self._decomp.finish()
         if self.header is not None and self.header.complete:
             self._verify_image(self.header)
-        if not self._parser_failed:
-            try:
-                self._events(self.parser.close())
-            except StreamError as exc:
-                self._problem(f"{self.label}: incomplete migration stream: {exc}")
+        self._close_parser()
         self._inner.commit()
 
     def _verify_image(self, header: ImageHeader) -> None:
@@ -198,9 +205,13 @@ class VerifyingReader(Sink):
                     f"{self.label}: checksum mismatch: the image is corrupt; QEMU was not "
                     "given the end of the stream"
                 )
+        # The end is parsed, and refused if wrong (cut, or followed by a second stream),
+        # before QEMU is given any of it.
         with memoryview(bytes(self._withheld)) as view:
-            self._stream(view)
-        self._withheld = bytearray()
+            self._withheld = bytearray()
+            self._stream(view, forward=False)
+            self._close_parser()
+            self._inner.write(view)
 
     def abort(self) -> None:
         if self._decomp is not None:

@@ -15,12 +15,14 @@ import struct
 from typing import Any
 
 from .._errors import StreamError
-from ._events import EOF, DeviceSection, Event, SectionStart, VMDescription
+from ._events import EOF, Configuration, DeviceSection, Event, SectionStart, VMDescription
 from ._wire import (
     BE32,
     CMD_HDR,
     COMMANDS,
+    MAGIC,
     MAX_TAIL,
+    QEMU_VM_FILE_VERSION,
     S_OPAQUE,
     S_TAIL,
     S_TOP,
@@ -64,6 +66,17 @@ def _runstate(t: bytes, pos: int, size: int) -> str | None:
     return raw.decode("ascii", "replace") if raw and printable(raw) else None
 
 
+def _description(raw: bytes) -> dict[str, Any]:
+    try:
+        import json  # only at the end of a stream: keeps helper start-up short
+
+        desc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StreamError(f"the VM description is not valid JSON: {exc}") from exc
+    if not isinstance(desc, dict):
+        raise StreamError("the VM description is not a JSON object")
+    return desc
+
 
 def _device_section(t: bytes, p: int, eof: int, base: int) -> tuple[SectionStart, int]:
     """The header of the device section at ``p`` of the tail (only FULL sections come
@@ -77,6 +90,7 @@ def _device_section(t: bytes, p: int, eof: int, base: int) -> tuple[SectionStart
         raise StreamError(f"truncated section header at offset {base + p}")
     return hdr
 
+
 class DeviceParser:
     """StreamParser's device state part: opaque sections, and the tail."""
 
@@ -89,7 +103,9 @@ class DeviceParser:
     _open: set[int]  # section ids started and not ended
     _pushback: bytes
     _pb_off: int
-    _require_description: bool
+    _require_description: bool | None
+    _config: Configuration | None
+    _packaged: bool
 
     def _init_devices(self) -> None:
         # Opaque section (footer scan)
@@ -201,22 +217,18 @@ class DeviceParser:
         self._tail_off = off
 
     def _resolve_tail(self, t: bytes, base: int) -> None:
-        desc, eof = self._find_description(t, base)
-        if desc is not None:
-            devices = desc.get("devices")
-            if not isinstance(devices, list):
-                raise StreamError("the VM description has no device list")
-            try:
-                sections = self._split_by_description(t, eof, devices, base)
-            except StreamError:
-                if self._footers is not None:
-                    raise
-                self._footers = False
-                sections = self._split_by_description(t, eof, devices, base)
+        found = self._described_end(t, base)
+        if found is not None:
+            desc, eof, sections = found
         else:
+            desc, eof = None, self._bare_end(t, base)
             sections = self._split_by_footers(t, eof, base)
-            if self._require_description:
-                raise StreamError(f"the VM description is missing (after {base + len(t)} bytes)")
+            if self._description_required():
+                raise StreamError(
+                    f"the VM description is missing after QEMU's EOF marker (after "
+                    f"{base + len(t)} bytes): the stream was cut, or the machine runs with "
+                    "suppress-vmdesc=on, which cannot be told apart and is not supported"
+                )
         for start, size, off in sections:
             if start.idstr == "globalstate":
                 self._runstate = _runstate(t, off - base + 14 + len(start.idstr), size)
@@ -232,45 +244,99 @@ class DeviceParser:
             self._description = desc
             self._events.append(VMDescription(desc))
 
-    def _find_description(self, t: bytes, base: int) -> tuple[dict[str, Any] | None, int]:
-        """(description, index of EOF in t). The description is the very end of the
-        stream and JSON holds no 0x00 or 0x06 byte, so search backwards for 00 06."""
-        hi = len(t)
-        while True:
-            q = t.rfind(b"\x00\x06", 0, hi)
-            if q < 0:
-                break
-            hi = q + 1
-            if len(t) - q < 7 or t[q + 6] != 0x7B:  # '{'
-                continue
-            ln = BE32.unpack_from(t, q + 2)[0]
-            have = len(t) - q - 6
-            if ln > have:
-                raise StreamError(
-                    f"stream ended inside the VM description ({have} of {ln} bytes, "
-                    f"after {base + len(t)} bytes)"
-                )
-            if ln < have:
-                raise StreamError(
-                    f"{have - ln} unexpected bytes after the VM description "
-                    f"(at offset {base + q + 6 + ln})"
-                )
-            try:
-                import json  # only at the end of a stream: keeps helper start-up short
+    def _description_required(self) -> bool:
+        """Must a VM description follow EOF? QEMU 7.2-10.x write one after every
+        migration stream unless the machine's ``suppress-vmdesc`` is on (default off for
+        every machine type but Xen's ``xenfv``) or the stream is postcopy's; device-state
+        files (``xen-save-devices-state``: no configuration section) never have one.
+        Nothing in the stream says the property is on, so without it a stream cut right
+        after its EOF byte would pass for complete: such streams are refused."""
+        if self._require_description is not None:
+            return self._require_description
+        cfg = self._config
+        if cfg is None or self._packaged:
+            return False
+        return not cfg.machine_type.startswith("xenfv")
 
-                desc = json.loads(t[q + 6 :])
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise StreamError(f"the VM description is not valid JSON: {exc}") from exc
-            if not isinstance(desc, dict):
-                raise StreamError("the VM description is not a JSON object")
-            return desc, q
-        # No description: the machine suppresses it (or this is a device-state file).
+    def _described_end(
+        self, t: bytes, base: int
+    ) -> tuple[dict[str, Any], int, list[tuple[SectionStart, int, int]]] | None:
+        """(description, index of EOF in t, device sections), or None without one.
+
+        The first ``00 06 len {`` whose JSON parses and whose device list delimits the
+        sections before it is the end of QEMU's stream: anything after it is a second
+        stream or junk, and refused. A device payload could hold such bytes; the device
+        list must then also fit, and the error is a refusal, never a false acceptance."""
+        truncated: tuple[int, int] | None = None
+        q = t.find(b"\x00\x06")
+        while q >= 0:
+            if len(t) - q >= 7 and t[q + 6] == 0x7B:  # '{'
+                ln = BE32.unpack_from(t, q + 2)[0]
+                have = len(t) - q - 6
+                if ln > have:
+                    truncated = (have, ln)
+                else:
+                    # An exact fit can only be the real description: its errors stand.
+                    last = ln == have
+                    try:
+                        desc = _description(t[q + 6 : q + 6 + ln])
+                        sections = self._split_described(t, q, desc, base)
+                    except StreamError:
+                        if last:
+                            raise
+                    else:
+                        if not last:
+                            raise StreamError(
+                                f"{have - ln} bytes after the end of QEMU's stream (its VM "
+                                f"description ends at offset {base + q + 6 + ln}): one "
+                                "stream per image"
+                            )
+                        return desc, q, sections
+            q = t.find(b"\x00\x06", q + 1)
+        if truncated is not None and t[-1:] != bytes([SEC_EOF]):
+            have, ln = truncated
+            raise StreamError(
+                f"stream ended inside the VM description ({have} of {ln} bytes, "
+                f"after {base + len(t)} bytes)"
+            )
+        return None
+
+    def _split_described(
+        self, t: bytes, eof: int, desc: dict[str, Any], base: int
+    ) -> list[tuple[SectionStart, int, int]]:
+        devices = desc.get("devices")
+        if not isinstance(devices, list):
+            raise StreamError("the VM description has no device list")
+        try:
+            return self._split_by_description(t, eof, devices, base)
+        except StreamError:
+            if self._footers is not None:
+                raise
+        self._footers = False  # no section has ended yet: perhaps they have no footers
+        try:
+            return self._split_by_description(t, eof, devices, base)
+        except StreamError:
+            self._footers = None
+            raise
+
+    def _bare_end(self, t: bytes, base: int) -> int:
+        """Index in t of the EOF of a stream without a description: its last byte."""
         if not t or t[-1] != SEC_EOF:
             raise StreamError(
                 f"stream ended before QEMU's EOF marker (after {base + len(t)} bytes, "
                 f"{self._tail_where(t, base)})"
             )
-        return None, len(t) - 1
+        # A second stream after the first one's EOF (after a footer, or at once).
+        second = MAGIC + BE32.pack(QEMU_VM_FILE_VERSION)
+        i = t.find(bytes([SEC_EOF]) + second)
+        while i >= 0:
+            if i == 0 or self._footers is False or t[i - 5] == SEC_FOOTER:
+                raise StreamError(
+                    f"{len(t) - i - 1} bytes after the end of QEMU's stream (another stream "
+                    f"starts at offset {base + i + 1}): one stream per image"
+                )
+            i = t.find(bytes([SEC_EOF]) + second, i + 1)
+        return len(t) - 1
 
     def _tail_where(self, t: bytes, base: int) -> str:
         """Name the device section an incomplete tail ended in, by footer scanning."""

@@ -71,13 +71,14 @@ class StreamParser(RAMParser, DeviceParser):
     :class:`~vmtransport.StreamError`, and the parser then refuses further input.
     """
 
-    def __init__(self, *, page_size: int = 4096, require_description: bool = False) -> None:
+    def __init__(self, *, page_size: int = 4096, require_description: bool | None = None) -> None:
         if page_size < 1024 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two >= 1024, not {page_size}")
         self._page_size = page_size
-        # QEMU sends a description unless the machine suppresses it; a stream cut right
-        # after its EOF byte looks complete unless the caller knows one must follow.
+        # A stream cut right after its EOF byte looks complete unless a description must
+        # follow. None: decide from the stream (see DeviceParser._description_required).
         self._require_description = require_description
+        self._packaged = False  # a postcopy package was seen: QEMU sends no description
         self._state = S_HEADER
         self._events: list[Event] = []
         self._fed = 0
@@ -242,6 +243,12 @@ class StreamParser(RAMParser, DeviceParser):
             elif state == S_TAIL:
                 self._tail += mv[pos:end]
                 if len(self._tail) > MAX_TAIL:
+                    second = self._tail.find(MAGIC + BE32.pack(QEMU_VM_FILE_VERSION))
+                    if second >= 0:  # refused anyway: name the likelier cause
+                        raise StreamError(
+                            f"bytes after the end of QEMU's stream (another stream starts "
+                            f"at offset {self._tail_off + second}): one stream per image"
+                        )
                     raise StreamError(
                         f"device state after RAM exceeds {MAX_TAIL >> 20} MiB "
                         f"(from offset {self._tail_off}): not a plausible QEMU stream"
@@ -370,6 +377,7 @@ class StreamParser(RAMParser, DeviceParser):
             # A nested stream (postcopy's device state) follows the command: skip it.
             self._skip = BE32.unpack_from(data)[0]
             self._skip_what = "a packaged command's data"
+            self._packaged = True
         return pos + 5 + ln
 
     def _configuration(self, mv: memoryview, pos: int, end: int, base: int) -> int:
