@@ -92,7 +92,13 @@ def _stdin_reader(args: argparse.Namespace) -> BlockingReader | None:
     """The head start of ``save``: start reading QEMU's stream from stdin now, before
     the rest of the package loads (QEMU blocks as soon as the pipe is full). Imports C
     modules only (see ``_buffers``)."""
-    if args.command != "save" or os.isatty(0):
+    if args.command != "save":
+        return None
+    try:
+        os.fstat(0)
+    except OSError:
+        return None  # closed: save_pipeline says why that will not do
+    if os.isatty(0):
         return None  # (a terminal: save_pipeline says why that will not do)
     from ._buffers import save_reader
 
