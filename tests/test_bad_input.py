@@ -1,6 +1,10 @@
 """Every bad input gets one line: ``vmtransport: error: <input>: <reason>`` and exit 2
 (usage, URI) or 1 (I/O), never a traceback, whatever the arguments, the URI or the
 state of stdin and stdout (issue 11, point 4). Drives the real console script.
+BAD_INPUT_EXAMPLES=N runs the property test with N examples (default 200, ~15 s).
+
+Not ours to fix: with a directory as stdin or stdout, CPython refuses to start
+("Fatal Python error: init_sys_streams") before any of vmtransport runs.
 """
 
 from __future__ import annotations
@@ -24,12 +28,20 @@ BIG = str(1 << 63)
 
 
 def run(
-    args: list[str], cwd: Path, stdin: int | None = None, stdout: int | None = None,
+    args: list[str],
+    cwd: Path,
+    stdin: int | None = None,
+    stdout: int | None = None,
     pass_fds: tuple[int, ...] = (),
 ) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [str(VMT), *args], cwd=cwd, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE,
-        timeout=30, pass_fds=pass_fds,
+        [str(VMT), *args],
+        cwd=cwd,
+        stdin=stdin,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        timeout=30,
+        pass_fds=pass_fds,
     )
 
 
@@ -67,8 +79,7 @@ def test_offset_out_of_range_restore(tmp_path: Path, junk: Path, scheme: str) ->
 
 def test_largest_offset_is_an_io_error(tmp_path: Path, junk: Path) -> None:
     """2**63-1 is a valid off_t: the kernel refuses it, one line, exit 1."""
-    p = run(["restore", f"file:{junk},offset={(1 << 63) - 1}"], tmp_path,
-            stdout=subprocess.DEVNULL)
+    p = run(["restore", f"file:{junk},offset={(1 << 63) - 1}"], tmp_path, stdout=subprocess.DEVNULL)
     one_line(p, 1, "seeking file:")
 
 
@@ -97,15 +108,25 @@ def closed(fd: int) -> Iterator[None]:
 
 def test_save_with_stdin_closed(tmp_path: Path) -> None:
     with closed(0):
-        p = subprocess.run([str(VMT), "save", "file:out"], cwd=tmp_path,
-                           stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, timeout=30)
+        p = subprocess.run(
+            [str(VMT), "save", "file:out"],
+            cwd=tmp_path,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            timeout=30,
+        )
     one_line(p, 2, "stdin: not open")
     assert not (tmp_path / "out").exists()
 
 
 def test_restore_with_stdout_closed(tmp_path: Path, junk: Path) -> None:
-    p = subprocess.run(f"exec {VMT} restore file:{junk} >&-", shell=True, cwd=tmp_path,
-                       stderr=subprocess.PIPE, timeout=30)
+    p = subprocess.run(
+        f"exec {VMT} restore file:{junk} >&-",
+        shell=True,
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        timeout=30,
+    )
     one_line(p, 2, "stdout: not open")
 
 
@@ -115,8 +136,22 @@ def test_restore_from_fd_1_into_a_file(tmp_path: Path) -> None:
     one_line(p, 1, "reading fd:1")
 
 
-@pytest.mark.xfail(strict=True, reason="CPython itself refuses to start with a directory "
-                   "as stdin (Fatal Python error: init_sys_streams), before vmtransport runs")
+@pytest.mark.parametrize("args", [["plugins"], ["inspect", "s"], ["inspect", "--json", "s"]])
+def test_report_to_a_closed_or_full_stdout(tmp_path: Path, junk: Path, args: list[str]) -> None:
+    """A report that cannot be written is an error, not exit 0 with the report lost."""
+    (tmp_path / "s").write_bytes(STREAM)
+    with open("/dev/full", "wb") as full:
+        one_line(run(args, tmp_path, stdout=full.fileno()), 1, "writing stdout: No space")
+    with closed(1):
+        p = subprocess.run([str(VMT), *args], cwd=tmp_path, stderr=subprocess.PIPE, timeout=30)
+    one_line(p, 2, "stdout: not open")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="CPython itself refuses to start with a directory "
+    "as stdin (Fatal Python error: init_sys_streams), before vmtransport runs",
+)
 def test_directory_as_stdin(tmp_path: Path) -> None:
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -160,11 +195,15 @@ def test_odirect_character_device_restore_no_warning(tmp_path: Path) -> None:
 
 def test_odirect_directory_refused(tmp_path: Path, junk: Path) -> None:
     (tmp_path / "d").mkdir()
-    one_line(run(["restore", "odirect:d"], tmp_path, stdout=subprocess.DEVNULL), 1,
-             "odirect:d: is a directory")
+    one_line(
+        run(["restore", "odirect:d"], tmp_path, stdout=subprocess.DEVNULL),
+        1,
+        "odirect:d: is a directory",
+    )
     with open(junk, "rb") as f:
-        one_line(run(["save", "odirect:d"], tmp_path, stdin=f.fileno()), 1,
-                 "odirect:d: is a directory")
+        one_line(
+            run(["save", "odirect:d"], tmp_path, stdin=f.fileno()), 1, "odirect:d: is a directory"
+        )
 
 
 # --- property: random URIs and descriptor states -----------------------------------------
@@ -172,8 +211,22 @@ def test_odirect_directory_refused(tmp_path: Path, junk: Path) -> None:
 SCHEMES = ["file", "odirect", "fd", "exec", "tcp", "", "FILE", "zstd", "x" * 3]
 #: exec: runs its target in a shell: only these, never generated text
 EXEC_TARGETS = ["true", "false", "cat", "cat >/dev/null", "head -c 10", "exit 3", ""]
-NUMBERS = ["0", "1", "-1", "4096", BIG, str((1 << 63) - 1), str(1 << 64), "0x1000", "abc",
-           "", "1.5", "\u00b2", "2147483648", "4095"]
+NUMBERS = [
+    "0",
+    "1",
+    "-1",
+    "4096",
+    BIG,
+    str((1 << 63) - 1),
+    str(1 << 64),
+    "0x1000",
+    "abc",
+    "",
+    "1.5",
+    "\u00b2",
+    "2147483648",
+    "4095",
+]
 OPTIONS = ["offset", "format", "fallback", "bogus", ""]
 WORD = st.text("abcdz019._-", max_size=8)
 STATES = ["closed", "devnull", "dir", "file", "pipe-junk", "pipe-empty"]
@@ -187,11 +240,17 @@ def uri(draw: st.DrawFn) -> str:
     elif scheme == "fd":
         target = draw(st.sampled_from([*NUMBERS, "stdin", "x y"]))
     else:
-        target = draw(st.sampled_from(["junk", "d", "/dev/null", "/dev/zero", "missing/x"])
-                      | WORD)
-    opts = draw(st.lists(st.tuples(st.sampled_from(OPTIONS) | WORD,
-                                   st.sampled_from([*NUMBERS, "image", "raw", "error"]) | WORD,
-                                   st.booleans()), max_size=3))
+        target = draw(st.sampled_from(["junk", "d", "/dev/null", "/dev/zero", "missing/x"]) | WORD)
+    opts = draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(OPTIONS) | WORD,
+                st.sampled_from([*NUMBERS, "image", "raw", "error"]) | WORD,
+                st.booleans(),
+            ),
+            max_size=3,
+        )
+    )
     text = target + "".join(f",{k}={v}" if eq else f",{k}" for k, v, eq in opts)
     if draw(st.booleans()):
         text += draw(st.sampled_from([",", ",,", "=", ":", ""]))
@@ -200,7 +259,9 @@ def uri(draw: st.DrawFn) -> str:
 
 @st.composite
 def command(draw: st.DrawFn) -> list[str]:
-    cmd = draw(st.sampled_from(["save", "restore", "copy", "inspect", "verify"]))
+    cmd = draw(st.sampled_from(["save", "restore", "copy", "inspect", "verify", "plugins"]))
+    if cmd == "plugins":
+        return [cmd]
     args = [cmd, draw(uri())]
     if cmd == "copy":
         args.append(draw(uri()))
@@ -234,8 +295,11 @@ def descriptor(state: str, fd: int, tmp: Path, stack: ExitStack) -> int | None:
     return w
 
 
-@settings(max_examples=int(os.environ.get("BAD_INPUT_EXAMPLES", "120")), deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=int(os.environ.get("BAD_INPUT_EXAMPLES", "200")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(args=command(), stdin=st.sampled_from(STATES), stdout=st.sampled_from(STATES))
 def test_random_input_gets_one_line(
     tmp_path: Path, args: list[str], stdin: str, stdout: str
@@ -252,16 +316,23 @@ def test_random_input_gets_one_line(
             if given_fd is None:
                 stack.enter_context(closed(fd))
         p = subprocess.run(
-            [str(VMT), *args], cwd=work, stdin=fds[0] if fds[0] is not None else None,
-            stdout=fds[1] if fds[1] is not None else None, stderr=subprocess.PIPE,
-            timeout=30, close_fds=True,
+            [str(VMT), *args],
+            cwd=work,
+            stdin=fds[0] if fds[0] is not None else None,
+            stdout=fds[1] if fds[1] is not None else None,
+            stderr=subprocess.PIPE,
+            timeout=30,
+            close_fds=True,
         )
     err = p.stderr.decode(errors="replace")
     if "dir" in (stdin, stdout):
         # CPython refuses to start first (see test_directory_as_stdin): not ours to fix
         assert p.returncode == 1 and "init_sys_streams" in err, err
         return
-    # Every input is junk, empty or missing: nothing can succeed.
+    if args == ["plugins"] and stdout != "closed":
+        assert p.returncode == 0 and err == "", err  # the one command that takes no input
+        return
+    # Every input is junk, empty or missing: nothing else can succeed.
     assert p.returncode in (1, 2), (p.returncode, err)
     assert "Traceback" not in err
     lines = err.splitlines()

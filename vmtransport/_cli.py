@@ -69,14 +69,20 @@ def _as_uri(arg: str) -> str:
 def _print(text: str) -> None:
     """Print a report; a reader that went away (``inspect ... | head``) is not an error
     worth a traceback: the rest is dropped, as the shell's own tools do."""
+    if sys.stdout is None:  # Python's answer to a closed fd 1: print would drop the report
+        raise UsageError("stdout: not open (the report is written to it)")
     try:
         print(text, flush=True)
-    except BrokenPipeError:
+    except OSError as exc:
         # Python flushes stdout again at exit: point it somewhere that accepts it.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-        raise SystemExit(141) from None  # 128 + SIGPIPE, what a killed writer reports
+        if isinstance(exc, BrokenPipeError):
+            raise SystemExit(141) from None  # 128 + SIGPIPE, what a killed writer reports
+        from ._errors import io_error
+
+        raise io_error("writing stdout", exc) from None
 
 
 def _unwrap(exc: BaseException) -> BaseException:
