@@ -69,14 +69,20 @@ def _as_uri(arg: str) -> str:
 def _print(text: str) -> None:
     """Print a report; a reader that went away (``inspect ... | head``) is not an error
     worth a traceback: the rest is dropped, as the shell's own tools do."""
+    if sys.stdout is None:  # Python's answer to a closed fd 1: print would drop the report
+        raise UsageError("stdout: not open (the report is written to it)")
     try:
         print(text, flush=True)
-    except BrokenPipeError:
+    except OSError as exc:
         # Python flushes stdout again at exit: point it somewhere that accepts it.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-        raise SystemExit(141) from None  # 128 + SIGPIPE, what a killed writer reports
+        if isinstance(exc, BrokenPipeError):
+            raise SystemExit(141) from None  # 128 + SIGPIPE, what a killed writer reports
+        from ._errors import io_error
+
+        raise io_error("writing stdout", exc) from None
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -92,7 +98,13 @@ def _stdin_reader(args: argparse.Namespace) -> BlockingReader | None:
     """The head start of ``save``: start reading QEMU's stream from stdin now, before
     the rest of the package loads (QEMU blocks as soon as the pipe is full). Imports C
     modules only (see ``_buffers``)."""
-    if args.command != "save" or os.isatty(0):
+    if args.command != "save":
+        return None
+    try:
+        os.fstat(0)
+    except OSError:
+        return None  # closed: save_pipeline says why that will not do
+    if os.isatty(0):
         return None  # (a terminal: save_pipeline says why that will not do)
     from ._buffers import save_reader
 

@@ -166,6 +166,9 @@ class ThreadedSource(Source):
 #: contextvars would cost the save helper start-up time.
 _resolving: dict[int, Registry] = {}
 
+#: one more than the largest file offset (off_t is signed 64-bit)
+_OFF_MAX = 1 << 63
+
 
 class Transport(abc.ABC):
     """One URI scheme. Subclasses set :attr:`scheme` and :attr:`options`.
@@ -224,6 +227,11 @@ class Transport(abc.ABC):
         if value < 0:
             raise URIError(
                 f"option {name}={raw!r} in URI {str(self.uri)!r}: expected a non-negative integer"
+            )
+        if value >= _OFF_MAX:  # the kernel's off_t: lseek/ftruncate would overflow
+            raise URIError(
+                f"option {name}={raw!r} in URI {str(self.uri)!r}: out of range (at most "
+                f"{_OFF_MAX - 1})"
             )
         if value % multiple_of:
             raise URIError(

@@ -53,6 +53,13 @@ class RestorePipeline(Pipeline):
     out_fd: int | None = None  #: the descriptor behind ``out``, when it is one
 
 
+def _check_open(fd: int, name: str, why: str) -> None:
+    try:
+        os.fstat(fd)
+    except OSError:
+        raise UsageError(f"{name}: not open ({why})") from None
+
+
 def save_pipeline(
     uri: str,
     source: int | BlockingReader = 0,
@@ -67,6 +74,7 @@ def save_pipeline(
     if isinstance(source, BlockingReader):
         reader = source
     else:
+        _check_open(source, "stdin", "save reads the migration stream from it")
         if os.isatty(source):
             raise UsageError("save reads the migration stream from stdin, which is a terminal")
         reader = save_reader(source)
@@ -114,6 +122,7 @@ def restore_pipeline(
     transport = _registry(registry).resolve(uri)  # a bad URI is a usage error first
     out_fd = out if isinstance(out, int) else None
     if isinstance(out, int):
+        _check_open(out, "stdout", "restore writes the migration stream to it")
         if os.isatty(out):
             raise UsageError("restore writes the migration stream to stdout, which is a terminal")
         out = FdSink(out, "stdout", close=False)

@@ -17,6 +17,7 @@ from .._transport import Sink, Source, ThreadedSource, Transport
 from .._uri import URI
 
 _LISTEN_FDS_START = 3
+_FD_MAX = (1 << 31) - 1  # descriptors are C ints
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*\Z")
 
 
@@ -47,14 +48,16 @@ class FdTransport(Transport):
     def __init__(self, uri: URI) -> None:
         super().__init__(uri)
         t = uri.target
-        if not (t.isdigit() or _NAME.match(t)):
+        # (isdigit() alone takes "²", which int() refuses)
+        if not ((t.isascii() and t.isdigit()) or _NAME.match(t)):
             raise URIError(f"bad target in URI {str(uri)!r}: expected a number or a name")
+        if t.isascii() and t.isdigit() and int(t) > _FD_MAX:
+            raise URIError(f"bad target in URI {str(uri)!r}: no descriptor has that number")
 
     def _fd(self) -> int:
         label = str(self.uri)
-        fd = int(self.uri.target) if self.uri.target.isdigit() else named_fd(
-            self.uri.target, label
-        )
+        t = self.uri.target
+        fd = int(t) if t.isascii() and t.isdigit() else named_fd(t, label)
         try:
             os.fstat(fd)
         except OSError as exc:

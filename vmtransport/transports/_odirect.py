@@ -5,6 +5,10 @@ keeps the image out of it. Buffers come aligned from the pump; the stream's unal
 tail is written through a zero-padded block and the file truncated to the true length.
 Filesystems that refuse O_DIRECT (ramfs: EINVAL) get buffered I/O that writes back
 and drops its pages as it goes, with one warning, unless ``fallback=error``.
+
+Character devices and FIFOs have no page cache to keep clean: they are read and written
+in place with plain I/O (no O_DIRECT, no warning, no sync), as ``file:`` does; a save to
+one is not atomic. A directory is refused at once, before anything is opened.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import errno
 import fcntl
 import mmap
 import os
+import stat
 import time
 from collections.abc import Callable, Mapping
 from typing import ClassVar, final
@@ -24,7 +29,7 @@ from .._errors import TransportError, io_error
 from .._io import DIRECT_ALIGN, FileSource, drop_cache, write_all
 from .._transport import SeekableSink, Sink, Source, ThreadedSource, Transport
 from .._uri import URI
-from ._file import open_for_reading
+from ._file import FileSink, open_for_reading
 from ._target import AtomicTarget
 
 _SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
@@ -353,9 +358,23 @@ class ODirectTransport(Transport):
             ) from exc
         _warn_fallback(str(self.uri), exc)
 
+    def _kind(self) -> str:
+        """"dir", "plain" (a character device or FIFO: no page cache, no O_DIRECT) or
+        "direct" (anything else, including a path that does not exist yet)."""
+        try:
+            mode = os.stat(self.uri.target).st_mode
+        except OSError:
+            return "direct"  # opening it says what is wrong
+        if stat.S_ISDIR(mode):
+            raise TransportError(f"{self.uri}: is a directory")
+        return "plain" if stat.S_ISCHR(mode) or stat.S_ISFIFO(mode) else "direct"
+
     def open_sink(self) -> Sink:
+        plain = self._kind() == "plain"
         target = AtomicTarget(self.uri.target, self.offset, str(self.uri))
         fd = target.open()
+        if plain and target.in_place and not target.rewritable:
+            return FileSink(target)  # (checked again on the open descriptor)
         try:
             fl = fcntl.fcntl(fd, fcntl.F_GETFL)
             fcntl.fcntl(fd, fcntl.F_SETFL, fl | os.O_DIRECT)
@@ -377,6 +396,8 @@ class ODirectTransport(Transport):
 
     def open_threaded_source(self) -> ThreadedSource:
         label = str(self.uri)
+        if self._kind() == "plain":
+            return FileSource(open_for_reading(self.uri.target, self.offset, label), label)
         try:
             fd = open_for_reading(self.uri.target, 0, label, os.O_DIRECT)
         except TransportError as exc:
