@@ -134,11 +134,6 @@ class Pipeline:
         self.stats: PumpStats | None = None
 
     # -- observers
-    def add_tap(self, tap: Tap) -> None:
-        """See every chunk before the sink does (before the run starts)."""
-        self._check_not_started()
-        self._taps.append(tap)
-
     def on_progress(self, callback: Callable[[Progress], None]) -> None:
         """Call ``callback`` after each buffer reached the sink (from the writer thread:
         keep it short; it must not raise)."""

@@ -184,12 +184,6 @@ def copy_pipeline(
     return pipeline
 
 
-def copy_blocking(src: str, dst: str, *, name: str | None = None) -> PumpStats:
-    """:func:`copy` without an event loop of the caller's (one is started if the
-    source needs it)."""
-    return copy_pipeline(src, dst, name=name).run()
-
-
 async def copy(src: str, dst: str, *, name: str | None = None) -> PumpStats:
     """Copy the stream at ``src`` (raw, image or libvirt) to ``dst`` (image or raw) from
     a trio task; cancelling the task cancels the copy."""

@@ -30,16 +30,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Final, Literal, NamedTuple, final, overload
 
-__all__ = [
-    "PAGE_SIZE",
-    "Device",
-    "PageRecord",
-    "Section",
-    "StreamLayout",
-    "StreamWriter",
-    "SyntheticStream",
-]
-
 #: QEMU's target page size on x86, the size of every RAM page record's data.
 PAGE_SIZE: Final = 4096
 
