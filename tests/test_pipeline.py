@@ -239,12 +239,14 @@ def test_restore_and_copy_keep_the_sink_contract(
     # restore: into a contract sink in front of a file (what reaches QEMU's pipe)
     out = tmp_path / "restored"
     inner = FileTransport(FileTransport.parse(f"file:{out},format=raw")).open_sink()
-    sink = ContractSink(inner, strict=kind in ("raw",))
+    # Every restore holds back the stream's end (device state, EOF, description) until
+    # the stream is proven, so even a raw stream's views start and end anywhere.
+    sink = ContractSink(inner, strict=False)
     vmtransport.restore_pipeline(f"file:{src}", sink, registry=registry).run()
     sink.check(committed=True)
     assert out.read_bytes() == data
     # copy: into a contract: image (a libvirt image's stream starts at an odd offset)
-    ContractTransport.strict = kind in ("raw",)
+    ContractTransport.strict = False
     dst = tmp_path / "copied"
     vmtransport.copy_pipeline(f"file:{src}", f"contract:{dst}", registry=registry).run()
     (copied,) = ContractTransport.opened

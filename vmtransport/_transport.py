@@ -40,10 +40,10 @@ class Sink(abc.ABC):
 
         ``data`` may be read-only and is the caller's again when ``write`` returns
         (unless write-behind is on): copy what you keep. Alignment is a property of
-        the path, not a promise: a save, and a restore or copy of a raw stream, pass
-        the pipeline's own buffers unchanged — page aligned, whole 4 KiB blocks, only
-        the stream's last write shorter; where a restore or copy strips an image's or
-        a libvirt header, or holds back a stream's end, views start and end anywhere.
+        the path, not a promise: a save passes the pipeline's own buffers unchanged —
+        page aligned, whole 4 KiB blocks, only the stream's last write shorter; a
+        restore or copy strips an image's or a libvirt header and holds back the
+        stream's end until it is proven, so its views start and end anywhere.
         A sink that needs alignment (O_DIRECT) uses aligned data as it is and stages
         the rest (see ``odirect:``).
         """

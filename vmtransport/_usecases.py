@@ -125,7 +125,9 @@ def restore_pipeline(
         _check_open(out, "stdout", "restore writes the migration stream to it")
         if os.isatty(out):
             raise UsageError("restore writes the migration stream to stdout, which is a terminal")
-        out = FdSink(out, "stdout", close=False)
+        # confirm: a QEMU that stopped reading (it refused the stream) fails the restore
+        # even when the whole stream fit in the pipe.
+        out = FdSink(out, "stdout", close=False, confirm=True)
     reader = VerifyingReader(out, str(transport.uri), inspect=inspect)
     pipeline = RestorePipeline(transport, reader, label=str(transport.uri))
     pipeline.reader, pipeline.out, pipeline.out_fd = reader, out, out_fd

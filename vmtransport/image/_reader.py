@@ -1,19 +1,25 @@
 """Restore: the sink that recognises what is coming and passes the bare QEMU stream on,
 verified.
 
-A raw stream passes through, validated as it goes. For a vmtransport image, the stream
-from QEMU's EOF marker on is withheld until the payload's length and checksum are
-verified, so a corrupt or truncated image makes QEMU's load fail instead of a damaged
-VM resuming. It is a sink wrapped around another sink, so it works the same from
+QEMU finishes a load, and resumes the VM, the moment it reads its EOF marker where a
+section type belongs; a damaged byte anywhere before can put one there. So QEMU is
+handed only what the stream parser has followed exactly as QEMU's loader reads it
+(:attr:`StreamParser.held_from`): the header, the configuration, section headers and
+footers, every RAM page record. Everything from the first byte QEMU alone can delimit
+(device state after RAM, the EOF marker, the VM description, opaque sections) is held
+back until the image's length and checksum (or, for a raw stream, its structure to the
+end) are proven. It is a sink wrapped around another sink, so it works the same from
 either pump (threads, or trio) and sees exactly the bytes that move.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import errno
+from collections.abc import Callable
+from typing import IO, TYPE_CHECKING, Any
 
 from .._buffers import new_hasher
-from .._errors import StreamError
+from .._errors import StreamError, TransportError
 from .._transport import Sink
 from ..stream import Command, DeviceSection, Event, StreamParser
 from ._decompress import TOOLS, Decompressor
@@ -27,9 +33,12 @@ if TYPE_CHECKING:
 class VerifyingReader(Sink):
     """Restore: recognise what is coming and pass the bare QEMU stream to ``inner``.
 
-    Raw streams pass through (validated as they go). vmtransport images: the header must
-    be intact and complete; the payload passes up to QEMU's EOF marker, the rest is
-    held back until the payload's length and checksum are verified. libvirt save
+    Every format passes the bare stream on only as far as the parser followed it
+    exactly; the rest is held back (see the module's docstring) until, for a
+    vmtransport image, the header was intact and complete and the payload's length and
+    checksum hold, and for every format the stream's structure holds to its end. If the
+    consumer stops reading first (QEMU refused something), the rest is still read and
+    verified so the error names the real cause. libvirt save
     images: ``LibvirtQemudPart`` is refused; the XML is skipped; compressed payloads go
     through the compressor's own program, as libvirt does it.
 
@@ -57,7 +66,10 @@ class VerifyingReader(Sink):
         self._need = MIN_HEAD
         self._hash: Any = None
         self._payload_seen = 0
-        self._withheld = bytearray()
+        self._eof_limit: int | None = None  # a complete image's recorded EOF offset
+        self._held = Holdback()
+        self._forwarded = 0
+        self._gone: TransportError | None = None  # the consumer stopped reading
         self._decomp: Decompressor | None = None
 
     # -- detection
@@ -100,6 +112,8 @@ class VerifyingReader(Sink):
                 )
             self.header = header
             self._hash = new_hasher()
+            if header.complete:
+                self._eof_limit = header.eof_offset
         elif lv is not None:
             if lv.partial:
                 self._problem(
@@ -135,17 +149,42 @@ class VerifyingReader(Sink):
         else:
             self._stream(data)
 
-    def _stream(self, data: memoryview, *, forward: bool = True) -> None:
-        """Bytes of the bare QEMU stream: validate, then hand on."""
+    def _stream(self, data: memoryview) -> None:
+        """Bytes of the bare QEMU stream: validate, then hand on what may go now."""
         if not self._parser_failed:
             try:
                 self._events(self.parser.feed(data))
             except StreamError as exc:
                 self._parser_failed = True
                 self._problem(f"{self.label}: {exc}")
+        start = self.stream_length
         self.stream_length += len(data)
-        if forward:
+        if self._held:
+            self._held.append(data)
+            return
+        limit = self.parser.held_from
+        if self._eof_limit is not None and (limit is None or self._eof_limit < limit):
+            limit = self._eof_limit
+        cut = len(data) if limit is None else max(0, min(len(data), limit - start))
+        if cut:
+            self._forward(data[:cut])
+        if cut < len(data):
+            self._held.append(data[cut:])
+
+    def _forward(self, data: memoryview) -> None:
+        if self._gone is not None:
+            return
+        try:
             self._inner.write(data)
+        except TransportError as exc:
+            cause = exc.__cause__
+            if not (isinstance(cause, OSError) and cause.errno in _CONSUMER_GONE):
+                raise
+            # QEMU closed its end: it refused something. Read and verify the rest, so
+            # the error names the cause (a corrupt image) rather than the broken pipe.
+            self._gone = exc
+            return
+        self._forwarded += len(data)
 
     def _close_parser(self) -> None:
         if self._parser_failed or self._parser_closed:
@@ -170,53 +209,115 @@ class VerifyingReader(Sink):
             end = start + len(data)
         self._payload_seen = end
         self._hash.update(data)
-        # A partial image (inspect only) has no EOF offset: nothing to hold back.
-        eof = header.eof_offset if header.complete else end
-        cut = max(0, min(len(data), eof - start))
-        if cut:
-            self._stream(data[:cut])
-        if cut < len(data):
-            self._withheld += data[cut:]
+        self._stream(data)
 
     def commit(self) -> None:
         if self.format is None:
             raise StreamError(
-                f"{self.label}: too short for a migration stream or image "
-                f"({len(self._head)} bytes)"
+                f"{self.label}: too short for a migration stream or image ({len(self._head)} bytes)"
             )
         if self._decomp is not None:
             self._decomp.finish()
         if self.header is not None and self.header.complete:
             self._verify_image(self.header)
+        # The end is parsed, and refused if wrong (cut, or followed by a second stream),
+        # before QEMU is given any of it.
         self._close_parser()
-        self._inner.commit()
+        self._held.replay(self._forward)
+        proven = "its checksum holds" if self.checksum_ok else "its structure holds"
+        if self._gone is not None:
+            raise TransportError(
+                f"{self.label}: the consumer stopped reading after {self._forwarded} of "
+                f"{self.stream_length} stream bytes ({self._gone}); the image was read to "
+                f"the end and {proven}, so the consumer refused it (QEMU: see its log)"
+            )
+        try:
+            self._inner.commit()
+        except TransportError as exc:
+            # The image is proven by now: what failed is the consumer's taking of it.
+            raise TransportError(
+                f"{self.label}: the image was read to the end and {proven}, but its "
+                f"consumer did not take the whole stream (QEMU: see its log): {exc}"
+            ) from exc
 
     def _verify_image(self, header: ImageHeader) -> None:
         # Each _problem raises unless inspecting; an inspection goes on to parse the end.
+        stopped = (
+            f" (the consumer had stopped reading after {self._forwarded} stream bytes)"
+            if self._gone is not None
+            else ""
+        )
         if self._payload_seen != header.payload_length:
             self._problem(
                 f"{self.label}: image truncated: {self._payload_seen} of "
-                f"{header.payload_length} payload bytes"
+                f"{header.payload_length} payload bytes{stopped}"
             )
         else:
             self.checksum_ok = self._hash.digest() == header.checksum
             if not self.checksum_ok:
                 self._problem(
                     f"{self.label}: checksum mismatch: the image is corrupt; QEMU was not "
-                    "given the end of the stream"
+                    f"given the end of the stream{stopped}"
                 )
-        # The end is parsed, and refused if wrong (cut, or followed by a second stream),
-        # before QEMU is given any of it.
-        with memoryview(bytes(self._withheld)) as view:
-            self._withheld = bytearray()
-            self._stream(view, forward=False)
-            self._close_parser()
-            self._inner.write(view)
 
     def abort(self) -> None:
         if self._decomp is not None:
             self._decomp.kill()
+        self._held.close()
         self._inner.abort()
 
     def cancel(self) -> None:
         self._inner.cancel()
+
+
+#: a write's errno that means the consumer closed its end (QEMU exited or failed the load)
+_CONSUMER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET})
+
+
+class Holdback:
+    """The bytes a restore holds back: in memory up to :attr:`MEMORY`, then spooled to
+    an unnamed temporary file (``$TMPDIR``, 0600), so a stream whose held part is
+    large (an opaque section early in it) costs disk, not memory."""
+
+    MEMORY = 64 << 20
+    CHUNK = 1 << 20
+
+    def __init__(self) -> None:
+        self._mem = bytearray()
+        self._file: IO[bytes] | None = None
+        self.size = 0
+
+    def __bool__(self) -> bool:
+        return self.size > 0
+
+    def append(self, data: memoryview) -> None:
+        self.size += len(data)
+        if self._file is None and len(self._mem) + len(data) <= self.MEMORY:
+            self._mem += data
+            return
+        if self._file is None:
+            import tempfile  # rare: only for a large held part
+
+            self._file = tempfile.TemporaryFile(prefix="vmtransport-held-")
+            self._file.write(self._mem)
+            self._mem = bytearray()
+        self._file.write(data)
+
+    def replay(self, write: Callable[[memoryview], None]) -> None:
+        """Hand every held byte to ``write`` in order, then forget them."""
+        if self._file is None:
+            with memoryview(self._mem) as view:
+                for i in range(0, len(view), self.CHUNK):
+                    write(view[i : i + self.CHUNK])
+        else:
+            self._file.seek(0)
+            while chunk := self._file.read(self.CHUNK):
+                write(memoryview(chunk))
+        self.close()
+
+    def close(self) -> None:
+        self._mem = bytearray()
+        self.size = 0
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -107,6 +107,9 @@ class DeviceParser:
     _config: Configuration | None
     _packaged: bool
 
+    def _hold(self, off: int) -> None:
+        raise NotImplementedError  # StreamParser's
+
     def _init_devices(self) -> None:
         # Opaque section (footer scan)
         self._op_buf = bytearray()
@@ -213,6 +216,7 @@ class DeviceParser:
     # --- tail: device state, EOF, VM description ------------------------------------
 
     def _start_tail(self, off: int) -> None:
+        self._hold(off)
         self._state = S_TAIL
         self._tail_off = off
 

@@ -100,6 +100,7 @@ class StreamParser(RAMParser, DeviceParser):
         self._ram_id: int | None = None
         self._ram_iterations = 0
         self._complete = False
+        self._held_from: int | None = None
         self._init_ram()
         self._init_devices()
 
@@ -114,6 +115,20 @@ class StreamParser(RAMParser, DeviceParser):
     def offset(self) -> int:
         """Stream bytes consumed so far (parsed, skipped or buffered)."""
         return self._pb_off if self._pushback else self._fed
+
+    @property
+    def held_from(self) -> int | None:
+        """Stream offset of the first byte this parser does not follow exactly as QEMU
+        reads it, once met; None while it follows every byte.
+
+        Up to here the parser walks the bytes the way QEMU's loader does (header,
+        configuration, section headers and footers, every RAM page record, commands),
+        so a damaged byte there either breaks the structure for both or leaves both in
+        step. From here on come bytes only QEMU can delimit (device state, read by
+        vmstate descriptions the parser does not have; an opaque section; a package)
+        and the EOF marker QEMU finishes on: a restore hands QEMU nothing from here
+        until the whole stream is proven."""
+        return self._held_from
 
     @property
     def eof_offset(self) -> int | None:
@@ -308,6 +323,7 @@ class StreamParser(RAMParser, DeviceParser):
                     self._ram_iterations += 1
                 self._state = S_RAM
             else:
+                self._hold(base + pos)
                 self._start_opaque(None, base + pos + 5)
             return pos + 5
         if kind == SEC_START or kind == SEC_FULL:
@@ -339,6 +355,7 @@ class StreamParser(RAMParser, DeviceParser):
             else:
                 # An early-setup device (FULL) or another iterable (START): their
                 # payloads are opaque; find the end by the section footer.
+                self._hold(base + pos)
                 self._start_opaque(start, base + pos + hlen)
             return pos + hlen
         if kind == SEC_COMMAND:
@@ -375,6 +392,7 @@ class StreamParser(RAMParser, DeviceParser):
             self._postcopy_advised = True
         elif cmd == CMD_PACKAGED:
             # A nested stream (postcopy's device state) follows the command: skip it.
+            self._hold(base + pos)
             self._skip = BE32.unpack_from(data)[0]
             self._skip_what = "a packaged command's data"
             self._packaged = True
@@ -468,6 +486,10 @@ class StreamParser(RAMParser, DeviceParser):
             )
         self._state = S_TOP
         return pos + 5
+
+    def _hold(self, off: int) -> None:
+        if self._held_from is None:
+            self._held_from = off
 
     # --- end of input ----------------------------------------------------------------
 

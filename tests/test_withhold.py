@@ -1,0 +1,162 @@
+"""What a restore hands QEMU before the image is proven (issue 11, point 1), in process
+and through the CLI, on the real QEMU 7.2 and 10.0 streams of tests/data. (The same
+with real QEMU destinations: tests/test_flips.py.)
+
+* A section-type byte turned into QEMU's EOF marker (0x00) makes QEMU finish its load
+  right there, wherever it is: nothing from that byte on may reach QEMU before the
+  checksum holds, and it does not hold.
+* When the consumer stops reading early (QEMU refused something), the restore still
+  reads and verifies the rest, and says what was wrong: the checksum, or (the image
+  being intact) that the consumer refused it; never only "Broken pipe".
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from helpers import VMT, load_stream, one_error_line
+
+import vmtransport
+from vmtransport import StreamError, TransportError
+from vmtransport.image._header import HEADER_SIZE
+from vmtransport.testing import SyntheticStream
+
+REAL = ["qemu7.2-pc", "qemu10.0-q35"]
+#: more than any pipe holds (a restore grows its pipe to 1 MiB): the consumer's leaving
+#: shows as EPIPE mid-stream, not only at the end
+BIG = "synthetic-16MiB"
+
+
+def ram_section_starts(s: bytes) -> list[int]:
+    """Offsets of RAM's PART and END section headers (0x02/0x03, be32 id), found by
+    hand: RAM's id is in its START section (0x01, id, 0x03 "ram", be32 instance 0)."""
+    ram = s.find(b"\x03ram\x00\x00\x00\x00")
+    sid = s[ram - 4 : ram]
+    found = []
+    for kind in (b"\x02", b"\x03"):
+        at = s.find(kind + sid)
+        while at >= 0:
+            found.append(at)
+            at = s.find(kind + sid, at + 1)
+    return sorted(found)
+
+
+def image_of(tmp_path: Path, name: str) -> tuple[Path, bytes]:
+    s = bytes(SyntheticStream(4096, distinct_pages=64)) if name == BIG else load_stream(name)[0]
+    raw = tmp_path / f"{name}.raw"
+    raw.write_bytes(s)
+    img = tmp_path / f"{name}.sav"
+    with raw.open("rb") as f:
+        vmtransport.save_fd(f"file:{img}", f.fileno())
+    return img, s
+
+
+def restore_into(uri: str, out: Path) -> tuple[Exception | None, bytes]:
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        vmtransport.restore_fd(uri, fd)
+        error = None
+    except vmtransport.VMTransportError as exc:
+        error = exc
+    finally:
+        os.close(fd)
+    return error, out.read_bytes()
+
+
+@pytest.mark.fault(
+    "a section-type byte turned into QEMU's EOF marker",
+    direction="restore",
+    vm="QEMU is given nothing from that byte on: it cannot finish the load",
+    disk="image unchanged",
+    exit="1",
+    message="checksum mismatch: the image is corrupt; QEMU was not given the end",
+)
+@pytest.mark.parametrize("name", REAL)
+def test_an_early_eof_marker_never_reaches_qemu(tmp_path: Path, name: str) -> None:
+    img, s = image_of(tmp_path, name)
+    good = img.read_bytes()
+    starts = ram_section_starts(s)
+    assert len(starts) >= 2, starts  # the setup's PART (and passes), the END
+    for at in starts:
+        bad = bytearray(good)
+        bad[HEADER_SIZE + at] = 0x00  # QEMU_VM_EOF where QEMU reads a section type
+        damaged = tmp_path / "bad.sav"
+        damaged.write_bytes(bad)
+        error, out = restore_into(f"file:{damaged}", tmp_path / "out")
+        assert isinstance(error, StreamError), (at, error)
+        assert "checksum mismatch" in str(error), (at, error)
+        assert len(out) <= at, f"EOF byte at {at}: {len(out)} bytes reached QEMU"
+        assert out == s[: len(out)]
+
+
+def reader_that_quits(fd: int, take: int) -> threading.Thread:
+    """Reads ``take`` bytes from pipe ``fd``, then closes it (as a QEMU that refused
+    the stream does)."""
+
+    def run() -> None:
+        got = 0
+        while got < take:
+            chunk = os.read(fd, take - got)
+            if not chunk:
+                break
+            got += len(chunk)
+        os.close(fd)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+@pytest.mark.fault(
+    "the consumer (QEMU) stops reading mid-restore",
+    direction="restore",
+    vm="QEMU's load fails; it was never given the end of the stream",
+    disk="image unchanged",
+    exit="1",
+    message="the real cause: checksum mismatch, or the image verified and the consumer "
+    "refused it; never only a broken pipe",
+)
+@pytest.mark.parametrize("damaged", [False, True])
+@pytest.mark.parametrize("name", [*REAL, BIG])
+def test_the_consumer_quitting_early_gets_the_real_cause(
+    tmp_path: Path, name: str, damaged: bool
+) -> None:
+    img, s = image_of(tmp_path, name)
+    if damaged:  # a byte of a page's content, after what the consumer takes
+        data = bytearray(img.read_bytes())
+        data[HEADER_SIZE + len(s) // 2] ^= 0x10
+        img.write_bytes(data)
+    r, w = os.pipe()
+    reader = reader_that_quits(r, 4096)
+    try:
+        with pytest.raises((StreamError, TransportError)) as info:
+            vmtransport.restore_fd(f"file:{img}", w)
+    finally:
+        os.close(w)
+        reader.join()
+    message = str(info.value)
+    if damaged:
+        assert isinstance(info.value, StreamError)
+        assert "checksum mismatch" in message
+    else:
+        assert isinstance(info.value, TransportError)
+        assert "its checksum holds" in message
+        assert "consumer" in message
+    if name == BIG:  # it left mid-stream: the restore read and verified the rest
+        assert "stopped reading after" in message, message
+    # the CLI: one line, the same cause
+    cli = subprocess.run(
+        f"{VMT} restore file:{img} | head -c 4096 >/dev/null; exit ${{PIPESTATUS[0]}}",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert cli.returncode == 1
+    line = one_error_line(cli.stderr)
+    assert ("checksum mismatch" if damaged else "its checksum holds") in line, line
