@@ -160,3 +160,45 @@ def test_the_consumer_quitting_early_gets_the_real_cause(
     assert cli.returncode == 1
     line = one_error_line(cli.stderr)
     assert ("checksum mismatch" if damaged else "its checksum holds") in line, line
+
+
+@pytest.mark.fault(
+    "a flipped byte in the stream's setup (machine type, capabilities, RAM block list)",
+    direction="restore",
+    vm="QEMU is given none of the stream (REFUSED on a pipe): it fails at once",
+    disk="image unchanged",
+    exit="1",
+    message="checksum mismatch in the stream's setup",
+)
+@pytest.mark.parametrize("name", REAL)
+def test_the_setup_is_proven_before_qemu_sees_it(tmp_path: Path, name: str) -> None:
+    """QEMU checks the setup against its own VM and refuses a damaged one at once (and
+    kills an exec: helper 10 ms later): so the setup has its own checksum, proven
+    before QEMU is given a byte, and the error says the image is corrupt."""
+    img, s = image_of(tmp_path, name)
+    meta = vmtransport.inspect_image(f"file:{img}")
+    setup = meta["image"]["metadata"]["stream"]["setup"]
+    length = setup["length"]
+    # It ends where RAM's first iteration starts (a PART or END section of RAM).
+    assert length == ram_section_starts(s)[0]
+    machine = s.find(b"pc-")
+    assert 0 < machine < length
+    for at in (machine + 3, length // 2, length - 1):
+        bad = bytearray(img.read_bytes())
+        bad[HEADER_SIZE + at] ^= 0x01
+        damaged = tmp_path / "bad.sav"
+        damaged.write_bytes(bad)
+        error, out = restore_into(f"file:{damaged}", tmp_path / "out")
+        assert error is not None, at
+        assert out == b"", f"flip at {at}: {len(out)} bytes reached QEMU"
+        if "setup" not in str(error):  # a structural error the parser saw first
+            assert isinstance(error, StreamError), error
+        cli = subprocess.run(
+            f"{VMT} restore file:{damaged} | cat",
+            shell=True,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert cli.stdout == b"VMTRANSPORT-REFUSED\n", (at, cli.stdout[:40])
+        assert str(damaged) in one_error_line(cli.stderr)

@@ -67,6 +67,9 @@ class VerifyingReader(Sink):
         self._hash: Any = None
         self._payload_seen = 0
         self._eof_limit: int | None = None  # a complete image's recorded EOF offset
+        # An image's setup checksum (length, digest) until proven; the bytes meanwhile
+        self._setup: tuple[int, str] | None = None
+        self._setup_buf = bytearray()
         self._held = Holdback()
         self._forwarded = 0
         self._gone: TransportError | None = None  # the consumer stopped reading
@@ -114,6 +117,7 @@ class VerifyingReader(Sink):
             self._hash = new_hasher()
             if header.complete:
                 self._eof_limit = header.eof_offset
+                self._setup = self._setup_of(header)
         elif lv is not None:
             if lv.partial:
                 self._problem(
@@ -127,6 +131,20 @@ class VerifyingReader(Sink):
             if lv.format != "raw":
                 self._decomp = Decompressor(TOOLS[lv.format], self.label, self._stream)
         self.format = found.format
+
+    def _setup_of(self, header: ImageHeader) -> tuple[int, str] | None:
+        stream = header.metadata.get("stream")
+        setup = stream.get("setup") if isinstance(stream, dict) else None
+        if setup is None:
+            return None  # written before setup checksums (or the setup was too long)
+        length = setup.get("length") if isinstance(setup, dict) else None
+        digest = setup.get("xxh3_128") if isinstance(setup, dict) else None
+        if not (isinstance(length, int) and 0 < length <= header.payload_length) or not (
+            isinstance(digest, str)
+        ):
+            self._problem(f"{self.label}: the image's setup checksum entry is malformed")
+            return None
+        return length, digest
 
     def _problem(self, message: str) -> None:
         if not self.inspecting:
@@ -159,6 +177,35 @@ class VerifyingReader(Sink):
                 self._problem(f"{self.label}: {exc}")
         start = self.stream_length
         self.stream_length += len(data)
+        if self._setup is not None:
+            self._hold_setup(data)
+        else:
+            self._route(start, data)
+
+    def _hold_setup(self, data: memoryview) -> None:
+        """Nothing goes to QEMU until the setup's own checksum holds: QEMU checks the
+        setup against its VM and refuses it at once (and ends an exec: helper) before
+        the image's end could be read to say the image was damaged."""
+        assert self._setup is not None
+        length, digest = self._setup
+        self._setup_buf += data
+        if len(self._setup_buf) < length:
+            return
+        self._setup = None
+        got = new_hasher()
+        got.update(memoryview(self._setup_buf)[:length])
+        if got.hexdigest() != digest:
+            self._problem(
+                f"{self.label}: checksum mismatch in the stream's setup (its first {length} "
+                "bytes: configuration, sections, RAM blocks): the image is corrupt; QEMU "
+                "was given none of it"
+            )
+        buf, self._setup_buf = self._setup_buf, bytearray()
+        with memoryview(buf) as view:
+            self._route(self.stream_length - len(buf), view)
+
+    def _route(self, start: int, data: memoryview) -> None:
+        """Forward what the parser followed exactly; hold the rest (see the module)."""
         if self._held:
             self._held.append(data)
             return

@@ -12,24 +12,31 @@ from __future__ import annotations
 
 from typing import Any, final
 
-from .._buffers import BlockingReader, Checksum, aligned_buffer
+from .._buffers import BlockingReader, Checksum, aligned_buffer, new_hasher
 from .._errors import StreamError, TransportError
 from .._transport import SeekableSink, Sink, Transport
 from ..stream import StreamParser
 from ._header import HEADER_SIZE, STATE_COMPLETE, STATE_PARTIAL, ImageHeader
 
 
-def stream_metadata(parser: StreamParser) -> dict[str, Any]:
+#: the longest setup (see StreamParser.setup_end) an image checksums on its own
+SETUP_MAX = 1 << 20
+
+
+def stream_metadata(parser: StreamParser, setup: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a complete stream says about the VM: for the header and ``inspect``."""
     blocks = parser.ram_blocks
     cfg = parser.configuration
-    return {
+    meta = {
         "machine_type": cfg.machine_type if cfg else None,
         "runstate": parser.runstate,
         "ram_total_bytes": sum(b.used_length for b in blocks.values()),
         "ram_blocks": [{"name": n, "used_length": b.used_length} for n, b in blocks.items()],
         "vm_description": parser.description is not None,
     }
+    if setup is not None:
+        meta["setup"] = setup
+    return meta
 
 
 class StreamWriter(Sink):
@@ -87,6 +94,11 @@ class ImageWriter(StreamWriter):
         self.metadata = metadata  #: the caller's part; may change until commit
         self._checksum = Checksum()
         self._hashes = True  # write() updates the checksum (see use_checksum)
+        # The setup's own checksum: a restore proves it before QEMU gets a byte, since
+        # QEMU refuses a damaged setup (and ends the helper) before the image's end
+        # could be read to name the cause.
+        self._prefix: bytearray | None = bytearray()
+        self._setup: dict[str, Any] | None = None
         # The "partial" header goes out with the first write, from the thread that
         # writes the stream: a sink is driven from one thread.
         self._headed = False
@@ -109,8 +121,22 @@ class ImageWriter(StreamWriter):
             raise ValueError("ImageWriter: a checksum must cover the stream from its start")
         self._checksum, self._hashes = checksum, False
 
+    def _keep_setup(self, data: memoryview) -> None:
+        prefix = self._prefix
+        assert prefix is not None
+        prefix += data[: SETUP_MAX - len(prefix)]
+        end = self.parser.setup_end
+        if end is not None and end <= len(prefix):
+            digest = new_hasher()
+            digest.update(prefix[:end])
+            self._setup = {"length": end, "xxh3_128": digest.hexdigest()}
+        if end is not None or len(prefix) >= SETUP_MAX:
+            self._prefix = None
+
     def write(self, data: memoryview) -> None:
         self._check(data)
+        if self._prefix is not None:
+            self._keep_setup(data)
         if self._hashes:
             self._checksum.update(data)
         if not self._headed:
@@ -123,7 +149,7 @@ class ImageWriter(StreamWriter):
         eof = self.parser.eof_offset
         assert eof is not None
         meta = dict(self.metadata)
-        meta["stream"] = stream_metadata(self.parser)
+        meta["stream"] = stream_metadata(self.parser, self._setup)
         if self._checksum.length != self.length:  # a reader's: it must cover what we wrote
             raise TransportError(
                 f"{self.label}: the checksum covers {self._checksum.length} bytes, "

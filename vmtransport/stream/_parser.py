@@ -101,6 +101,7 @@ class StreamParser(RAMParser, DeviceParser):
         self._ram_iterations = 0
         self._complete = False
         self._held_from: int | None = None
+        self._setup_end: int | None = None
         self._init_ram()
         self._init_devices()
 
@@ -129,6 +130,14 @@ class StreamParser(RAMParser, DeviceParser):
         and the EOF marker QEMU finishes on: a restore hands QEMU nothing from here
         until the whole stream is proven."""
         return self._held_from
+
+    @property
+    def setup_end(self) -> int | None:
+        """Stream offset where the first iteration starts (the first PART or END
+        section), once met: before it is the *setup* a destination QEMU checks against
+        its own VM (machine type, capabilities, page size, sections, RAM block names
+        and lengths) and refuses before loading anything."""
+        return self._setup_end
 
     @property
     def eof_offset(self) -> int | None:
@@ -308,6 +317,8 @@ class StreamParser(RAMParser, DeviceParser):
         if kind == SEC_PART or kind == SEC_END:
             if end - pos < 5:
                 return pos
+            if self._setup_end is None:
+                self._setup_end = base + pos
             sid = BE32.unpack_from(mv, pos + 1)[0]
             name = self._sections.get(sid)
             if name is None or sid not in self._open:
