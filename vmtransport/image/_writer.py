@@ -18,7 +18,6 @@ from .._transport import SeekableSink, Sink, Transport
 from ..stream import StreamParser
 from ._header import HEADER_SIZE, STATE_COMPLETE, STATE_PARTIAL, ImageHeader
 
-
 #: the longest setup (see StreamParser.setup_end) an image checksums on its own
 SETUP_MAX = 1 << 20
 
@@ -27,7 +26,7 @@ def stream_metadata(parser: StreamParser, setup: dict[str, Any] | None = None) -
     """What a complete stream says about the VM: for the header and ``inspect``."""
     blocks = parser.ram_blocks
     cfg = parser.configuration
-    meta = {
+    meta: dict[str, Any] = {
         "machine_type": cfg.machine_type if cfg else None,
         "runstate": parser.runstate,
         "ram_total_bytes": sum(b.used_length for b in blocks.values()),
