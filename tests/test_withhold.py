@@ -23,7 +23,8 @@ from helpers import VMT, load_stream, one_error_line
 import vmtransport
 from vmtransport import StreamError, TransportError
 from vmtransport.image._header import HEADER_SIZE
-from vmtransport.testing import SyntheticStream
+from vmtransport.image._reader import Holdback
+from vmtransport.testing import Device, StreamWriter, SyntheticStream
 
 REAL = ["qemu7.2-pc", "qemu10.0-q35"]
 #: more than any pipe holds (a restore grows its pipe to 1 MiB): the consumer's leaving
@@ -202,3 +203,42 @@ def test_the_setup_is_proven_before_qemu_sees_it(tmp_path: Path, name: str) -> N
         )
         assert cli.stdout == b"VMTRANSPORT-REFUSED\n", (at, cli.stdout[:40])
         assert str(damaged) in one_error_line(cli.stderr)
+
+
+def early_device_stream() -> tuple[bytes, int]:
+    """A stream with an early-setup device (virtio-mem's, a FULL section before RAM):
+    the parser delimits it by a footer scan, not as QEMU does; where it starts."""
+    w = StreamWriter().configuration("pc-q35-10.0")
+    early = len(w.finish([], section_ids=[], description=False)) - 1  # before its EOF
+    w = StreamWriter().configuration("pc-q35-10.0")
+    w.device(Device("virtio-mem-early", b"\x7e\x00\x00\x00\x09junk" + bytes(50)), 9)
+    w.section_start(2, "ram").block_list([("pc.ram", 1 << 20)]).eos().footer(2)
+    w.section_part(2)
+    for i in range(200):
+        w.page((i % 256) * 4096, bytes([i]) * 4096, block="pc.ram" if i == 0 else None)
+    w.eos().footer(2).section_part(2, end=True).eos().footer(2)
+    return w.finish([Device("timer", bytes(24))], section_ids=[0]), early
+
+
+@pytest.mark.parametrize("memory", [Holdback.MEMORY, 4096])
+def test_an_opaque_section_holds_everything_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, memory: int
+) -> None:
+    """From an opaque section on, nothing reaches QEMU before the image is proven; the
+    held part spools to a temporary file past Holdback.MEMORY and comes back whole."""
+    s, early = early_device_stream()
+    monkeypatch.setattr(Holdback, "MEMORY", memory)
+    raw = tmp_path / "s.raw"
+    raw.write_bytes(s)
+    img = tmp_path / "s.sav"
+    with raw.open("rb") as f:
+        vmtransport.save_fd(f"file:{img}", f.fileno())
+    error, out = restore_into(f"file:{img}", tmp_path / "out")
+    assert error is None and out == s
+    # damaged after the opaque section: QEMU got nothing from that section on
+    bad = bytearray(img.read_bytes())
+    bad[HEADER_SIZE + len(s) // 2] ^= 0x01
+    img.write_bytes(bad)
+    error, out = restore_into(f"file:{img}", tmp_path / "out")
+    assert isinstance(error, StreamError) and "checksum mismatch" in str(error)
+    assert len(out) <= early, (len(out), early)
