@@ -520,11 +520,13 @@ class Spot:
 def stream_spots(data: bytes) -> list[Spot]:
     """The structural bytes of a complete precopy stream (QEMU 7.2 or 10.0, a paused VM,
     with its VM description), found by walking it by QEMU's format: header,
-    configuration, every section's start and footer, the RAM setup, page headers at
-    the first, middle and last page of the first pass, every EOS word, the END
-    section's pages, the device sections (delimited by the VM description's device list
-    and their footers), EOF and the VM description. Written from the format, not from
-    vmtransport's parser. Deduplicated, in stream order."""
+    configuration, every RAM section's start and footer, the RAM setup, page headers at
+    the first, middle and last page of the first pass and before EOS words, every EOS
+    word, the END section's pages (a paused VM's has none), every device section's type
+    byte and a sample of their headers, state bytes and footers (the sections are
+    delimited by the VM description's device list and their footers), EOF and the VM
+    description. Written from the format, not from vmtransport's parser. Deduplicated,
+    in stream order."""
     spots: dict[int, Spot] = {}
 
     def add(at: int, what: str, section_type: bool = False) -> None:
@@ -571,10 +573,11 @@ def stream_spots(data: bytes) -> list[Spot]:
         add(p + 6 + n + 7, f"{tag}-version")
         return p + 6 + n + 8
 
-    def footer(p: int, sid: int, tag: str) -> int:
+    def footer(p: int, sid: int, tag: str, full: bool = True) -> int:
         assert data[p : p + 5] == b"\x7e" + sid.to_bytes(4, "big"), (tag, p)
         add(p, f"{tag}-footer")
-        add(p + 4, f"{tag}-footer-id")
+        if full:
+            add(p + 4, f"{tag}-footer-id")
         return p + 5
 
     blocks: dict[str, int] = {}
@@ -583,6 +586,7 @@ def stream_spots(data: bytes) -> list[Spot]:
     ended = False
     passes: list[list[tuple[int, str]]] = []  # per PART/END section: (page word, tag)
     eos: list[tuple[int, str]] = []
+    parts: list[tuple[int, int, str]] = []  # PART/END sections: (start, footer, tag)
     nsec = 0
     while data[p] not in (0x00, 0x04):
         kind, sid = data[p], be32(p + 1)
@@ -623,7 +627,7 @@ def stream_spots(data: bytes) -> list[Spot]:
             ended = kind == 0x03
             tag = f"{tag}-ram-{'end' if ended else 'part'}"
             add(p, f"{tag}-type", True)
-            add(p + 4, f"{tag}-id")
+            start = p
             p += 5
             pages: list[tuple[int, str]] = []
             while (word := be64(p)) & 0xFFF != 0x10:
@@ -644,10 +648,18 @@ def stream_spots(data: bytes) -> list[Spot]:
             passes.append(pages)
             eos.append((p, f"{tag}-eos"))
             p += 8
+            parts.append((start, p, tag))
+            p = footer(p, sid, tag, full=False)
+            continue
         else:
             raise AssertionError(f"section type {kind:#x} at {p} before the device state")
         p = footer(p, sid, tag)
     assert ram_id >= 0 and ended, "the RAM section never ended"
+    # Every PART/END section's type byte, EOS word and footer; its id and its footer's
+    # at the first and last PART and at END.
+    for start, foot, tag in parts[:1] + parts[-2:]:
+        add(start + 4, f"{tag}-id")
+        add(foot + 4, f"{tag}-footer-id")
 
     # Page headers: flags and an offset byte; a block name where the page has one.
     def page(at: int, tag: str) -> None:
@@ -668,9 +680,10 @@ def stream_spots(data: bytes) -> list[Spot]:
     end_pages = passes[-1]
     for at, tag in end_pages[:1] + end_pages[-1:]:
         page(at, f"{tag}/page")
-    for at, tag in eos:
+    for k, (at, tag) in enumerate(eos):
         add(at + 7, f"{tag}-flags")
-        add(at + 6, f"{tag}-offset")
+        if k in (0, 1, len(eos) - 1):
+            add(at + 6, f"{tag}-offset")
 
     # The device state: its sections, in the VM description's order, each ending at
     # the first footer of its id that the next section's header (or EOF) follows.

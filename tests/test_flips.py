@@ -37,6 +37,7 @@ from helpers import (
     description_at_end,
     failed_load,
     load,
+    load_stream,
     one_error_line,
     parse_header,
     restore_cmd,
@@ -47,6 +48,7 @@ from qemuvm import VMError, describe_difference, files_equal
 from vmtransport.image._header import STATE_COMPLETE, ImageHeader
 from vmtransport.image._libvirt import HEADER_SIZE as LV_HEADER
 from vmtransport.image._libvirt import build_libvirt_header
+from vmtransport.stream import DeviceSection, StreamParser
 
 #: what the helper must never blame: QEMU stopping to read is a consequence
 NOT_A_CAUSE = re.compile(r"Broken pipe|EPIPE|Errno 32", re.IGNORECASE)
@@ -144,20 +146,29 @@ def restore_and_check(
     # The shell records the helper's exit status: it may still be draining and
     # verifying after QEMU is gone, and its line is only complete once it has exited.
     incoming = restore_cmd(f"{scheme}:{image}", err) + f"; echo $? >{shlex.quote(str(rc))}"
+
+    def helper_exited(timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not (rc.exists() and rc.read_text().strip()):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
     try:
         failed_load(qemu, work, incoming)
     except (AssertionError, VMError, pytest.fail.Exception) as exc:
+        (work / "dst.ram").unlink(missing_ok=True)  # 64 MiB, filled by a load that ran
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        helper_exited(10)  # (QEMU is gone: its line, if any, is complete)
         helper = err.read_text(errors="replace").strip() if err.exists() else "(none)"
         return (
             f"{what}: QEMU's load did not fail: {first}\n    helper: {helper}\n"
             f"    QEMU: {log_tail(work / 'dst.log')}"
         )
-    deadline = time.monotonic() + HELPER_EXIT_TIMEOUT
-    while not (rc.exists() and rc.read_text().strip()):
-        if time.monotonic() > deadline:
-            return f"{what}: the helper did not exit within {HELPER_EXIT_TIMEOUT}s of QEMU"
-        time.sleep(0.02)
+    (work / "dst.ram").unlink(missing_ok=True)
+    if not helper_exited(HELPER_EXIT_TIMEOUT):
+        return f"{what}: the helper did not exit within {HELPER_EXIT_TIMEOUT}s of QEMU"
     text = err.read_text(errors="replace")
     problems = []
     if rc.read_text().strip() != "1":
@@ -246,6 +257,37 @@ def test_flipped_structural_byte_never_runs(saved: Saved, tmp_path: Path) -> Non
             pytrace=False,
         )
     assert took < BUDGET, f"{len(cases)} restores took {took:.0f}s"
+
+
+@pytest.mark.parametrize("name", ["qemu7.2-pc", "qemu10.0-pc", "qemu7.2-q35", "qemu10.0-q35"])
+def test_walker_finds_the_structure(name: str) -> None:
+    """The walker's spots are what it says they are, on the real streams of tests/data
+    (checked against vmtransport's parser here only, never in the restore test)."""
+    stream, _ = load_stream(name)
+    spots = stream_spots(stream)
+    assert len({s.at for s in spots}) == len(spots)
+    by = {s.what: stream[s.at] for s in spots}
+    parser = StreamParser()
+    events = parser.feed(stream) + parser.close()
+    devices = [e for e in events if isinstance(e, DeviceSection)]
+    # every device section's type byte, at the parser's offset
+    dev_types = [s.at for s in spots if s.what.startswith("dev") and s.what.endswith("-type")]
+    assert dev_types == [d.offset for d in devices]
+    assert {stream[at] for at in dev_types} == {0x04}
+    for s in spots:
+        if s.what.endswith("-footer"):
+            assert stream[s.at] == 0x7E, s
+        if s.what.endswith("-eos-flags") and "/page" not in s.what:
+            assert stream[s.at - 7 : s.at + 1] == (0x10).to_bytes(8, "big"), s
+        if s.what.endswith("-flags") and "/page" in s.what:
+            assert stream[s.at] & ~0x20 in (0x02, 0x08), s
+    assert by["config-type"] == 0x07 and by["sec0-ram-start-type"] == 0x01
+    assert by["eof"] == 0x00 and by["vmdesc-type"] == 0x06
+    assert spots[-1].at == len(stream) - 1
+    assert parser.eof_offset == next(s.at for s in spots if s.what == "eof")
+    ram = [s for s in spots if "-ram-" in s.what and s.what.endswith("-type")]
+    assert [stream[s.at] for s in ram][-1] == 0x03  # the END section, last
+    assert 80 <= len(spots) <= 160
 
 
 # --- one stream per image -------------------------------------------------------------
