@@ -182,6 +182,8 @@ def restore_and_check(
         problems.append("does not name the image")
     if NOT_A_CAUSE.search(line):
         problems.append("blames a broken pipe")
+    elif cause is PAYLOAD_CAUSE and re.search(r"image header|CRC", line):
+        problems.append("blames the header for a flip in the payload")
     elif not cause.search(line):
         problems.append(f"does not name the cause (/{cause.pattern}/)")
     if problems:
