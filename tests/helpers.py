@@ -503,3 +503,226 @@ def refused_unless_valid(data: bytes, error: Exception | None) -> None:
     else:
         assert isinstance(error, vmtransport.StreamError), repr(error)
         assert str(error) and "\n" not in str(error), repr(error)
+
+
+# --- structural bytes of a real stream: where a flip can change how QEMU reads it ------
+
+
+@dataclass(frozen=True)
+class Spot:
+    """A byte of a stream whose meaning to QEMU is structure, not content."""
+
+    at: int  #: offset in the stream
+    what: str  #: e.g. "sec3-type", "ram-setup/block0-len"
+    section_type: bool = False  #: QEMU reads it as a section type (0x00 would be its EOF)
+
+
+def stream_spots(data: bytes) -> list[Spot]:
+    """The structural bytes of a complete precopy stream (QEMU 7.2 or 10.0, a paused VM,
+    with its VM description), found by walking it by QEMU's format: header,
+    configuration, every RAM section's start and footer, the RAM setup, page headers at
+    the first, middle and last page of the first pass and before EOS words, every EOS
+    word, the END section's pages (a paused VM's has none), every device section's type
+    byte and a sample of their headers, state bytes and footers (the sections are
+    delimited by the VM description's device list and their footers), EOF and the VM
+    description. Written from the format, not from vmtransport's parser. Deduplicated,
+    in stream order."""
+    spots: dict[int, Spot] = {}
+
+    def add(at: int, what: str, section_type: bool = False) -> None:
+        assert 0 <= at < len(data), (at, what)
+        spots.setdefault(at, Spot(at, what, section_type))
+
+    def be32(p: int) -> int:
+        return int.from_bytes(data[p : p + 4], "big")
+
+    def be64(p: int) -> int:
+        return int.from_bytes(data[p : p + 8], "big")
+
+    assert data[:8] == b"QEVM\0\0\0\3"
+    add(0, "stream-magic")
+    add(7, "stream-version")
+    p = 8
+    assert data[p] == 0x07, "no configuration section"
+    add(p, "config-type", True)
+    add(p + 4, "config-name-len")
+    add(p + 5, "config-name")
+    p += 5 + be32(p + 1)
+    while data[p] == 0x05:  # subsections: name, version, then fields we know
+        sub = data[p + 2 : p + 2 + data[p + 1]].decode()
+        p += 2 + len(sub) + 4
+        if sub == "configuration/target-page-bits":
+            p += 4
+        elif sub == "configuration/capabilities":
+            count, p = be32(p), p + 4
+            for _ in range(count):
+                p += 1 + data[p]
+        elif sub == "configuration/uuid":
+            p += 16
+        else:
+            raise AssertionError(f"configuration subsection {sub}")
+
+    def start_header(p: int, tag: str) -> int:
+        """A SECTION_START or FULL header at ``p``; returns where its data starts."""
+        n = data[p + 5]
+        add(p, f"{tag}-type", True)
+        add(p + 4, f"{tag}-id")
+        add(p + 5, f"{tag}-idstr-len")
+        add(p + 6 + n // 2, f"{tag}-idstr")
+        add(p + 6 + n + 3, f"{tag}-instance")
+        add(p + 6 + n + 7, f"{tag}-version")
+        return p + 6 + n + 8
+
+    def footer(p: int, sid: int, tag: str, full: bool = True) -> int:
+        assert data[p : p + 5] == b"\x7e" + sid.to_bytes(4, "big"), (tag, p)
+        add(p, f"{tag}-footer")
+        if full:
+            add(p + 4, f"{tag}-footer-id")
+        return p + 5
+
+    blocks: dict[str, int] = {}
+    used = -1  # the last page's block: CONTINUE pages carry it across sections
+    ram_id = -1
+    ended = False
+    passes: list[list[tuple[int, str]]] = []  # per PART/END section: (page word, tag)
+    eos: list[tuple[int, str]] = []
+    parts: list[tuple[int, int, str]] = []  # PART/END sections: (start, footer, tag)
+    nsec = 0
+    while data[p] not in (0x00, 0x04):
+        kind, sid = data[p], be32(p + 1)
+        tag = f"sec{nsec}"
+        nsec += 1
+        if kind == 0x08:  # a command: SWITCHOVER_START (10.0)
+            add(p, f"{tag}-command-type", True)
+            add(p + 2, f"{tag}-command")
+            p += 5 + be32(p + 3) if data[p + 1 : p + 3] != b"\0\x0b" else 5
+            continue
+        if kind == 0x01:
+            assert data[p + 5 : p + 9] == b"\x03ram" and ram_id < 0
+            ram_id, tag = sid, f"{tag}-ram-start"
+            p = start_header(p, tag)
+            word = be64(p)
+            assert word & 0xFFF == 0x04, "no MEM_SIZE"
+            add(p + 7, "ram-setup/mem-size-flags")
+            add(p + 4, "ram-setup/mem-size")
+            p += 8
+            remaining, i = word & ~0xFFF, 0
+            while remaining > 0:
+                n = data[p]
+                name = data[p + 1 : p + 1 + n].decode()
+                used = be64(p + 1 + n)
+                if i == 0:
+                    add(p + 1 + n // 2, "ram-setup/block0-name")
+                    add(p + 1 + n + 5, "ram-setup/block0-length")
+                if i < 2:
+                    add(p, f"ram-setup/block{i}-name-len")
+                blocks[name] = used
+                remaining -= used
+                p += 1 + n + 8
+                i += 1
+            assert be64(p) == 0x10
+            eos.append((p, f"{tag}-eos"))
+            p += 8
+        elif kind in (0x02, 0x03) and sid == ram_id and not ended:
+            ended = kind == 0x03
+            tag = f"{tag}-ram-{'end' if ended else 'part'}"
+            add(p, f"{tag}-type", True)
+            start = p
+            p += 5
+            pages: list[tuple[int, str]] = []
+            while (word := be64(p)) & 0xFFF != 0x10:
+                flags = word & 0xFFF
+                if flags == 0x200:  # MULTIFD_FLUSH
+                    add(p + 6, f"{tag}-multifd-flush")
+                    p += 8
+                    continue
+                assert flags & ~0x20 in (0x02, 0x08), f"RAM flags {flags:#x} at {p}"
+                pages.append((p, tag))
+                q = p + 8
+                if not flags & 0x20:
+                    used = blocks[data[q + 1 : q + 1 + data[q]].decode()]
+                    q += 1 + data[q]
+                assert (word & ~0xFFF) < used
+                p = q + (PAGE if flags & 0x08 else 1)
+            assert word == 0x10
+            passes.append(pages)
+            eos.append((p, f"{tag}-eos"))
+            p += 8
+            parts.append((start, p, tag))
+            p = footer(p, sid, tag, full=False)
+            continue
+        else:
+            raise AssertionError(f"section type {kind:#x} at {p} before the device state")
+        p = footer(p, sid, tag)
+    assert ram_id >= 0 and ended, "the RAM section never ended"
+    # Every PART/END section's type byte, EOS word and footer; its id and its footer's
+    # at the first and last PART and at END.
+    for start, foot, tag in parts[:1] + parts[-2:]:
+        add(start + 4, f"{tag}-id")
+        add(foot + 4, f"{tag}-footer-id")
+
+    # Page headers: flags and an offset byte; a block name where the page has one.
+    def page(at: int, tag: str) -> None:
+        add(at + 7, f"{tag}-flags")
+        add(at + 5, f"{tag}-offset")
+        if not data[at + 7] & 0x20:
+            add(at + 8, f"{tag}-block-len")
+            add(at + 9, f"{tag}-block-name")
+
+    first_pass = [pg for sec in passes[:-1] for pg in sec]
+    for k, (at, tag) in enumerate(
+        [first_pass[0], first_pass[len(first_pass) // 2], first_pass[-1]]
+    ):
+        page(at, f"{tag}/page-{('first', 'middle', 'last')[k]}")
+    for sec in passes:  # the last page before each EOS (a sample: every 4th section)
+        if sec and (sec is passes[-1] or passes.index(sec) % 4 == 0):
+            page(sec[-1][0], f"{sec[-1][1]}/page-before-eos")
+    end_pages = passes[-1]
+    for at, tag in end_pages[:1] + end_pages[-1:]:
+        page(at, f"{tag}/page")
+    for k, (at, tag) in enumerate(eos):
+        add(at + 7, f"{tag}-flags")
+        if k in (0, 1, len(eos) - 1):
+            add(at + 6, f"{tag}-offset")
+
+    # The device state: its sections, in the VM description's order, each ending at
+    # the first footer of its id that the next section's header (or EOF) follows.
+    eof, desc = description_at_end(data)
+    devices = [(d["name"], d["instance_id"]) for d in desc["devices"]]
+    # Every section's type byte; the rest of the header and the footer's id at the
+    # first, middle and last section; a byte of the state and the footer at those and
+    # every eighth.
+    detail = {0, len(devices) // 2, len(devices) - 1}
+    for k, (name, inst) in enumerate(devices):
+        assert data[p] == 0x04, f"device section {name} at {p}"
+        sid = be32(p + 1)
+        assert (
+            data[p + 6 : p + 6 + data[p + 5]] == name.encode() and be32(p + 6 + len(name)) == inst
+        ), (name, p)
+        tag = f"dev{k}-{name.rsplit('/', 1)[-1]}"
+        body = start_header(p, tag) if k in detail else p + 14 + len(name)
+        add(p, f"{tag}-type", True)
+        if k + 1 < len(devices):
+            nxt = devices[k + 1][0].encode()
+            follow = bytes([len(nxt)]) + nxt
+            mark = b"\x7e" + sid.to_bytes(4, "big")
+            q = data.index(mark, body)
+            while not (data[q + 5] == 0x04 and data[q + 10 : q + 11 + len(nxt)] == follow):
+                q = data.index(mark, q + 1)
+        else:
+            q = eof - 5
+        assert data[q : q + 5] == b"\x7e" + sid.to_bytes(4, "big")
+        if k in detail:
+            footer(q, sid, tag)
+        if q > body and (k in detail or k % 8 == 4):
+            add(body + (q - body) // 2, f"{tag}-state")
+            add(q, f"{tag}-footer")
+        p = q + 5
+    assert p == eof, (p, eof)
+    add(eof, "eof", True)
+    add(eof + 1, "vmdesc-type", True)
+    add(eof + 2, "vmdesc-len-high")
+    add(eof + 5, "vmdesc-len-low")
+    add(eof + 6 + (len(data) - eof - 6) // 2, "vmdesc-json")
+    add(len(data) - 1, "last-byte")
+    return sorted(spots.values(), key=lambda s: s.at)
