@@ -260,7 +260,8 @@ def fill(mnt: Path, leave: int) -> None:
     assert os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize == leave
 
 
-POINTS: dict[str, Callable[[int], int]] = {  # where the disk fills up: bytes left free, given the image's size
+# Where the disk fills up: the bytes left free, given the image's size.
+POINTS: dict[str, Callable[[int], int]] = {
     "before the header": lambda size: 0,
     "inside the header": lambda size: 32 << 10,
     "in the stream's last pages": lambda size: (size - 8192) & ~4095,
