@@ -213,6 +213,11 @@ def fold(items: list[Marked]) -> str:
     return "<br>".join(parts)
 
 
+def order(p: Promise) -> tuple[str, Promise]:
+    """Rows by fault name, whatever its case ("QEMU killed" beside "qemu ...")."""
+    return p.fault.casefold(), p
+
+
 def render(marked: Iterable[Marked]) -> str:
     items = list(marked)
     problems = [p for m in items for p in m.problems()]
@@ -224,7 +229,7 @@ def render(marked: Iterable[Marked]) -> str:
     out = [INTRO]
     total = 0
     for direction, title in DIRECTIONS.items():
-        promises = sorted(p for p in rows if p.direction == direction)
+        promises = sorted((p for p in rows if p.direction == direction), key=order)
         if not promises:
             continue
         out.append(f"\n## {title}\n")

@@ -244,7 +244,7 @@ def test_medium_vanishes_mid_restore(medium: Medium) -> None:
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     mnt = tmp_path / "small"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], check=True,
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mnt)], check=True,
                    timeout=30)  # fmt: skip
     try:
         yield mnt
@@ -282,7 +282,7 @@ POINTS: dict[str, Callable[[int], int]] = {
 )  # fmt: skip
 @pytest.mark.parametrize("scheme", ["file", "odirect"])
 def test_disk_full_at_each_point(small_tmpfs: Path, scheme: str, point: str) -> None:
-    stream = SyntheticStream(size=3 * MIB + 4321, seed=5).to_bytes()
+    stream = SyntheticStream(size=20 * MIB + 4321, seed=5).to_bytes()  # > one 8 MiB buffer
     fill(small_tmpfs, POINTS[point](HEADER + len(stream)))
     uri = f"{scheme}:{small_tmpfs / 'vm.sav'}"
     r = vmt("save", uri, input=stream)

@@ -59,6 +59,14 @@ SINKS = ["file", "odirect", "file,format=raw"]
     ],
     ids=["text", "near-magic", "elf", "vmtransport-image", "libvirt-image"],
 )
+@pytest.mark.fault(
+    "a few bytes that are not a QEMU stream, producer still open",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="nothing in the target directory",
+    exit="1 within 5 s",
+    message="names the image: 'not a QEMU migration stream'",
+)
 def test_save_refuses_non_qemu_data_at_once(tmp_path: Path, junk: bytes) -> None:
     """A few bytes of junk, and the producer keeps its end open: the helper must not wait
     for more (a buffer to fill, or EOF) before refusing."""

@@ -651,6 +651,14 @@ def test_killed_copy_leaves_nothing(tmp_path: Path, payloads: dict[int, Path]) -
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.fault(
+    "target is a symlink to another file",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="the symlink replaced by the image; its target untouched",
+    exit="0",
+    message="none",
+)
 def test_symlink_is_replaced_not_followed(tmp_path: Path, small: bytes) -> None:
     victim = tmp_path / "victim"
     victim.write_bytes(b"must stay")
@@ -663,6 +671,14 @@ def test_symlink_is_replaced_not_followed(tmp_path: Path, small: bytes) -> None:
     assert victim.read_bytes() == b"must stay"
 
 
+@pytest.mark.fault(
+    "target is a dangling symlink",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="the symlink replaced; nothing created where it pointed",
+    exit="0",
+    message="none",
+)
 def test_dangling_symlink_is_replaced(tmp_path: Path, small: bytes) -> None:
     link = tmp_path / "vm.sav"
     link.symlink_to(tmp_path / "nowhere")
@@ -909,7 +925,7 @@ def test_odirect_writes_in_flight_return_once_the_previous_is_done(
     [
         pytest.param(via, marks=pytest.mark.fault(
             "O_DIRECT refused (ramfs): buffered fallback", direction=via,
-            vm="n/a (no VM)", disk="the image, 0600, nothing else", exit="0",
+            vm="n/a (stream from a file, no VM)", disk="the image, 0600, nothing else", exit="0",
             message="one WARNING line naming the URI and O_DIRECT (restore: one line too)",
         ))
         for via in ("save", "copy")
@@ -1027,7 +1043,7 @@ def test_odirect_on_tmpfs_needs_no_fallback(
     [
         pytest.param(via, marks=pytest.mark.fault(
             "disk full mid-payload (tmpfs of 8 MiB, 50 MiB stream)", direction=via,
-            vm="n/a (no VM)", disk="nothing on the mount", exit="1",
+            vm="n/a (stream from a file, no VM)", disk="nothing on the mount", exit="1",
             message="names the URI: 'No space left on device'",
         ))
         for via in ("save", "copy")
