@@ -239,7 +239,9 @@ DAMAGE = {
         pytest.param(how, marks=pytest.mark.fault(
             DAMAGE[how], direction="restore",
             vm="destination QEMU's load fails (exit 1): never runs", disk="n/a",
-            exit="QEMU exits 1; inspect --json: complete false (header-flip: exit 1)",
+            exit="QEMU exits 1; inspect " + (
+                "exits 1" if how == "header-flip" else "--json exits 0: complete false"
+            ),
             message=f"one line naming the image: '{expected}'",
         ))
         for how, expected in EXPECTED.items()
