@@ -23,11 +23,13 @@ from helpers import (
     Saved,
     description_at_end,
     listing,
+    load,
     load_stream,
     one_error_line,
+    restore_cmd,
     vmt,
 )
-from qemuvm import VM, VMError, make_ram_file
+from qemuvm import VM, VMError, describe_difference, files_equal, make_ram_file
 
 import vmtransport
 from vmtransport._usecases import REFUSED
@@ -198,6 +200,46 @@ def test_medium_vanishes_mid_save(medium: Medium, big: bytes, scheme: str) -> No
     assert proc.returncode == 1, err
     line = one_error_line(err)
     assert uri in line and "Input/output error" in line, line
+
+
+@needs_root
+@pytest.mark.fault(
+    "medium vanishes mid-save (real QEMU, odirect:, loop device shrunk to nothing)",
+    direction="save",
+    vm="source VM usable: migration failed, still prelaunch, saved again and restored "
+    "byte-identical",
+    disk="medium gone: not checked",
+    exit="QEMU: migration failed",
+    message="one line naming the image: 'Input/output error'",
+)
+def test_medium_vanishes_mid_save_of_a_real_vm(qemu: str, medium: Medium, tmp_path: Path) -> None:
+    src_ram = tmp_path / "src.ram"
+    make_ram_file(src_ram, MEM_MIB, random=True)
+    image, err = medium.mnt / "vm.sav", tmp_path / "save.err"
+    with VM(qemu, tmp_path, name="src", mem_mib=MEM_MIB, ram_file=src_ram, paused=True) as vm:
+        # 16 MiB/s: the 64 MiB save takes ~4 s. A 1 ms downtime limit keeps the failure in
+        # the active phase (see test_qemu_save_restore.test_failed_save_keeps_source).
+        vm.migrate(save_cmd(f"odirect:{image}", err), max_bandwidth=16 << 20,
+                   parameters={"downtime-limit": 1})  # fmt: skip
+        wait_until(lambda: vm.query_migrate().get("ram", {}).get("transferred", 0) > 16 * MIB,
+                   "16 MiB on their way")  # fmt: skip
+        medium.vanish()
+        info = vm.wait_migration(timeout=120)
+        assert info["status"] == "failed", info
+        line = one_error_line(err.read_text())
+        assert str(image) in line and "Input/output error" in line, line
+        assert vm.status() == "prelaunch"
+        vm.cmd("migrate-set-parameters", {"max-bandwidth": 100 << 30})
+        good = tmp_path / "retry.sav"
+        vm.migrate(save_cmd(f"file:{good}", tmp_path / "retry.err"))
+        assert vm.wait_migration(timeout=120)["status"] == "completed", vm.log()
+    dst = load(qemu, tmp_path, restore_cmd(f"file:{good}", tmp_path / "restore.err"))
+    assert files_equal(src_ram, dst), describe_difference(src_ram, dst)
+
+
+def save_cmd(uri: str, err: Path) -> str:
+    """QEMU's exec: migration URI that saves into ``uri`` (stderr to ``err``)."""
+    return f"exec:{VMT} save {uri} 2>{err}"
 
 
 @needs_root
