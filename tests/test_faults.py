@@ -8,6 +8,7 @@ each header field, through the real ``vmtransport`` command."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -278,6 +279,36 @@ def test_medium_vanishes_mid_restore(medium: Medium) -> None:
     line = one_error_line(err)
     assert uri in line and "Input/output error" in line, line
     assert len(got) <= eof and got == big[: len(got)]
+
+
+@pytest.mark.parametrize("scheme", ["file", "odirect"])
+@pytest.mark.fault(
+    "target directory removed mid-save",
+    direction="save",
+    vm=NO_VM,
+    disk="nothing: the directory stays gone",
+    exit="1",
+    message="one line naming the URI: 'committing ...: No such file or directory'",
+)
+def test_target_directory_removed_mid_save(tmp_path: Path, big: bytes, scheme: str) -> None:
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    uri = f"{scheme}:{sub / 'vm.sav'}"
+    proc = subprocess.Popen([str(VMT), "save", uri], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        pump_into(proc, big[: 16 * MIB])
+        wait_until(lambda: open_in(proc.pid, sub), "the temporary")
+        shutil.rmtree(sub)
+        pump_into(proc, big[16 * MIB :])
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err
+    line = one_error_line(err)
+    assert uri in line and "No such file or directory" in line, line
+    assert listing(tmp_path) == []
 
 
 # --- the disk full at several points -------------------------------------------------------
