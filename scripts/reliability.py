@@ -170,8 +170,8 @@ A test that injects a fault carries a marker, for example
 
 ```python
 @pytest.mark.fault("helper SIGKILL mid-save", direction="save",
-                   vm="source VM keeps running", disk="no file under the final name",
-                   exit="QEMU reports the migration failed", message="none (killed)")
+                   vm="source VM usable: migration failed", disk="no file under the final name",
+                   exit="QEMU: migration failed", message="none (killed)")
 ```
 
 `scripts/reliability.py` collects the suite (`pytest --collect-only` with the script as a
@@ -240,7 +240,7 @@ def render(marked: Iterable[Marked]) -> str:
             out.append("| " + " | ".join(cell(f) for f in fields) + f" | {fold(rows[p])} |")
         total += len(promises)
     tests = len({m.nodeid for m in items})
-    out.append(f"\n{total} rows from {tests} collected tests.\n")
+    out.append(f"\n{total} rows from {tests} marked test items.\n")
     return "\n".join(out)
 
 
