@@ -104,6 +104,14 @@ def test_copy_validates_both_uris_before_any_io(tmp_path: Path) -> None:
     assert not marker.exists()  # the source command never started
 
 
+@pytest.mark.fault(
+    "restore of a missing file, save into a missing directory",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="1",
+    message="names the URI: 'No such file or directory' / 'does not exist'",
+)
 def test_io_errors_exit_1(tmp_path: Path) -> None:
     r = vmt("restore", f"file:{tmp_path}/missing.sav")
     assert r.returncode == 1

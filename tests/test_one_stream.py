@@ -70,6 +70,14 @@ def test_device_state_files_have_no_description() -> None:
         parse(d + d)
 
 
+@pytest.mark.fault(
+    "no VM description (suppress-vmdesc), then a second stream",
+    direction="save",
+    vm="n/a (the stream parser)",
+    disk="n/a",
+    exit="StreamError unless the caller says the machine suppresses it; the second stream always",
+    message="'VM description is missing' / 'N bytes after the end of QEMU's stream'",
+)
 def test_suppressed_description_when_the_caller_says_so() -> None:
     """suppress-vmdesc=on: QEMU writes nothing after EOF; accepted only when told, and
     a second stream after it is refused all the same."""
