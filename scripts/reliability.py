@@ -114,6 +114,10 @@ def pytest_collection_finish(session: Any) -> None:
     Path(path).write_text(json.dumps(out))
 
 
+class CollectionError(Exception):
+    """pytest could not collect the suite."""
+
+
 def collect(root: Path = ROOT) -> list[Marked]:
     """The fault markers of every test pytest collects under ``root``/tests."""
     with tempfile.TemporaryDirectory() as d:
@@ -129,7 +133,7 @@ def collect(root: Path = ROOT) -> list[Marked]:
             cwd=root, env=env, capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
         if r.returncode != 0 or not dump.exists():
-            raise SystemExit(
+            raise CollectionError(
                 f"reliability: pytest could not collect the suite (exit {r.returncode}):\n"
                 + r.stdout[-3000:] + r.stderr[-3000:]
             )
@@ -250,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         text = render(collect())
-    except ValueError as exc:
+    except (CollectionError, ValueError) as exc:
         print(f"reliability: {exc}", file=sys.stderr)
         return 1
     if args.check:

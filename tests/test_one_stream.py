@@ -42,7 +42,7 @@ def parse(data: bytes, **kw: bool | None) -> StreamParser:
 
 @pytest.mark.parametrize("name", [*REAL, "synthetic"])
 @pytest.mark.fault(
-    "two streams concatenated (cat s s)",
+    "two streams concatenated (cat s s), parser",
     direction="save",
     vm="n/a (the stream parser)",
     disk="n/a",
