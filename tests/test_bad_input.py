@@ -64,6 +64,14 @@ def junk(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("scheme", ["file", "odirect"])
 @pytest.mark.parametrize("offset", [BIG, str(1 << 64), "-1", "0x", "1e3"])
+@pytest.mark.fault(
+    "offset= out of range or not a number (2**63, 2**64, -1, 0x, 1e3)",
+    direction="cli",
+    vm="n/a",
+    disk="nothing created",
+    exit="2",
+    message="names the option: offset='...'",
+)
 def test_offset_out_of_range_save(tmp_path: Path, junk: Path, scheme: str, offset: str) -> None:
     with open(junk, "rb") as f:
         p = run(["save", f"{scheme}:{tmp_path}/out,offset={offset}"], tmp_path, stdin=f.fileno())
@@ -72,11 +80,27 @@ def test_offset_out_of_range_save(tmp_path: Path, junk: Path, scheme: str, offse
 
 
 @pytest.mark.parametrize("scheme", ["file", "odirect"])
+@pytest.mark.fault(
+    "offset= of 2**63 on restore",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="2",
+    message="'out of range'",
+)
 def test_offset_out_of_range_restore(tmp_path: Path, junk: Path, scheme: str) -> None:
     p = run(["restore", f"{scheme}:{junk},offset={BIG}"], tmp_path, stdout=subprocess.DEVNULL)
     one_line(p, 2, "out of range")
 
 
+@pytest.mark.fault(
+    "offset= of 2**63-1 (valid off_t, refused by the kernel)",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="1",
+    message="'seeking file:...'",
+)
 def test_largest_offset_is_an_io_error(tmp_path: Path, junk: Path) -> None:
     """2**63-1 is a valid off_t: the kernel refuses it, one line, exit 1."""
     p = run(["restore", f"file:{junk},offset={(1 << 63) - 1}"], tmp_path, stdout=subprocess.DEVNULL)
@@ -84,12 +108,28 @@ def test_largest_offset_is_an_io_error(tmp_path: Path, junk: Path) -> None:
 
 
 @pytest.mark.parametrize("target", ["2147483648", str(1 << 64), "99999999999999999999"])
+@pytest.mark.fault(
+    "fd: number beyond 2**31-1",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="2",
+    message="names the URI fd:N",
+)
 def test_fd_number_out_of_range(tmp_path: Path, junk: Path, target: str) -> None:
     with open(junk, "rb") as f:
         one_line(run(["save", f"fd:{target}"], tmp_path, stdin=f.fileno()), 2, f"fd:{target}")
     one_line(run(["restore", f"fd:{target}"], tmp_path, stdout=subprocess.DEVNULL), 2)
 
 
+@pytest.mark.fault(
+    "fd: with a Unicode digit",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="2",
+    message="names the URI",
+)
 def test_fd_unicode_digit(tmp_path: Path) -> None:
     one_line(run(["restore", "fd:\u00b2"], tmp_path, stdout=subprocess.DEVNULL), 2, "fd:")
 
@@ -106,6 +146,14 @@ def closed(fd: int) -> Iterator[None]:
         os.close(saved)
 
 
+@pytest.mark.fault(
+    "save with stdin closed",
+    direction="cli",
+    vm="n/a",
+    disk="nothing created",
+    exit="2",
+    message="'stdin: not open'",
+)
 def test_save_with_stdin_closed(tmp_path: Path) -> None:
     with closed(0):
         p = subprocess.run(
@@ -119,6 +167,14 @@ def test_save_with_stdin_closed(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.fault(
+    "restore with stdout closed",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="2",
+    message="'stdout: not open'",
+)
 def test_restore_with_stdout_closed(tmp_path: Path, junk: Path) -> None:
     p = subprocess.run(
         f"exec {VMT} restore file:{junk} >&-",
@@ -130,6 +186,14 @@ def test_restore_with_stdout_closed(tmp_path: Path, junk: Path) -> None:
     one_line(p, 2, "stdout: not open")
 
 
+@pytest.mark.fault(
+    "restore fd:1 with stdout a file",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="1",
+    message="'reading fd:1 ...'",
+)
 def test_restore_from_fd_1_into_a_file(tmp_path: Path) -> None:
     with open(tmp_path / "out", "wb") as f:
         p = run(["restore", "fd:1"], tmp_path, stdout=f.fileno())
@@ -137,6 +201,14 @@ def test_restore_from_fd_1_into_a_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args", [["plugins"], ["inspect", "s"], ["inspect", "--json", "s"]])
+@pytest.mark.fault(
+    "inspect or plugins into /dev/full or a closed stdout",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="1 (full), 2 (closed)",
+    message="'writing stdout: No space ...' / 'stdout: not open'",
+)
 def test_report_to_a_closed_or_full_stdout(tmp_path: Path, junk: Path, args: list[str]) -> None:
     """A report that cannot be written is an error, not exit 0 with the report lost."""
     (tmp_path / "s").write_bytes(STREAM)
@@ -152,6 +224,14 @@ def test_report_to_a_closed_or_full_stdout(tmp_path: Path, junk: Path, args: lis
     reason="CPython itself refuses to start with a directory "
     "as stdin (Fatal Python error: init_sys_streams), before vmtransport runs",
 )
+@pytest.mark.fault(
+    "a directory as stdin",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="1",
+    message="one line",
+)
 def test_directory_as_stdin(tmp_path: Path) -> None:
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -162,6 +242,14 @@ def test_directory_as_stdin(tmp_path: Path) -> None:
     one_line(p, 1)
 
 
+@pytest.mark.fault(
+    "odirect: on a character device (/dev/null), save",
+    direction="cli",
+    vm="n/a",
+    disk="written in place",
+    exit="0",
+    message="none (no fallback warning)",
+)
 def test_odirect_character_device_save(tmp_path: Path) -> None:
     """Written in place, plain I/O: no fallback warning, no sync error."""
     src = tmp_path / "s"
@@ -171,6 +259,14 @@ def test_odirect_character_device_save(tmp_path: Path) -> None:
     assert p.returncode == 0 and p.stderr == b"", p.stderr
 
 
+@pytest.mark.fault(
+    "odirect: on a FIFO, save and restore",
+    direction="cli",
+    vm="n/a",
+    disk="written and read in place",
+    exit="0",
+    message="none (no fallback warning)",
+)
 def test_odirect_fifo_both_ways(tmp_path: Path) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
@@ -188,11 +284,27 @@ def test_odirect_fifo_both_ways(tmp_path: Path) -> None:
     assert r.stdout == STREAM
 
 
+@pytest.mark.fault(
+    "odirect: on a character device (/dev/null), restore",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="1",
+    message="one line, no O_DIRECT warning",
+)
 def test_odirect_character_device_restore_no_warning(tmp_path: Path) -> None:
     err = one_line(run(["restore", "odirect:/dev/null"], tmp_path, stdout=subprocess.DEVNULL), 1)
     assert "O_DIRECT" not in err
 
 
+@pytest.mark.fault(
+    "odirect: on a directory, save and restore",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="1",
+    message="'odirect:d: is a directory'",
+)
 def test_odirect_directory_refused(tmp_path: Path, junk: Path) -> None:
     (tmp_path / "d").mkdir()
     one_line(
@@ -301,6 +413,14 @@ def descriptor(state: str, fd: int, tmp: Path, stack: ExitStack) -> int | None:
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 @given(args=command(), stdin=st.sampled_from(STATES), stdout=st.sampled_from(STATES))
+@pytest.mark.fault(
+    "random URIs, options and stdin/stdout states (hypothesis)",
+    direction="cli",
+    vm="n/a",
+    disk="nothing saved, no temporaries",
+    exit="1 or 2",
+    message="one line 'vmtransport: error: ...', no traceback",
+)
 def test_random_input_gets_one_line(
     tmp_path: Path, args: list[str], stdin: str, stdout: str
 ) -> None:

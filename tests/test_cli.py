@@ -73,6 +73,14 @@ def test_help() -> None:
         (("copy", "file:/x", "fd:"), "empty target in URI 'fd:'"),
     ],
 )
+@pytest.mark.fault(
+    "usage errors (unknown scheme, option, command...)",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="2",
+    message="one line naming the input",
+)
 def test_usage_errors_exit_2(args: tuple[str, ...], expected: str) -> None:
     r = vmt(*args)
     assert r.returncode == 2
@@ -80,6 +88,14 @@ def test_usage_errors_exit_2(args: tuple[str, ...], expected: str) -> None:
     assert r.stdout == b""
 
 
+@pytest.mark.fault(
+    "copy with a bad target URI",
+    direction="cli",
+    vm="n/a",
+    disk="the source command never started",
+    exit="2",
+    message="'unknown scheme ...'",
+)
 def test_copy_validates_both_uris_before_any_io(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     r = vmt("copy", f"exec:touch {marker}", "nfs:/srv/a")
@@ -88,6 +104,14 @@ def test_copy_validates_both_uris_before_any_io(tmp_path: Path) -> None:
     assert not marker.exists()  # the source command never started
 
 
+@pytest.mark.fault(
+    "restore of a missing file, save into a missing directory",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="1",
+    message="names the URI: 'No such file or directory' / 'does not exist'",
+)
 def test_io_errors_exit_1(tmp_path: Path) -> None:
     r = vmt("restore", f"file:{tmp_path}/missing.sav")
     assert r.returncode == 1
@@ -100,6 +124,14 @@ def test_io_errors_exit_1(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("flag", ["-v", "--verbose"])
+@pytest.mark.fault(
+    "-v with an I/O error",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="1",
+    message="a traceback, then the one line",
+)
 def test_verbose_adds_a_traceback_to_an_io_error(tmp_path: Path, flag: str) -> None:
     r = vmt(flag, "restore", f"file:{tmp_path}/missing.sav")
     assert r.returncode == 1
@@ -123,6 +155,14 @@ def test_verbose_reports_statistics(tmp_path: Path) -> None:
     assert r.stdout == stream
 
 
+@pytest.mark.fault(
+    "save with a terminal as stdin",
+    direction="cli",
+    vm="n/a",
+    disk="nothing created",
+    exit="2",
+    message="'stdin, which is a terminal'",
+)
 def test_save_refuses_a_terminal_on_stdin(tmp_path: Path) -> None:
     controller, terminal = os.openpty()
     try:
@@ -135,6 +175,14 @@ def test_save_refuses_a_terminal_on_stdin(tmp_path: Path) -> None:
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.fault(
+    "restore with a terminal as stdout",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="2",
+    message="'stdout, which is a terminal'",
+)
 def test_restore_refuses_a_terminal_on_stdout(tmp_path: Path) -> None:
     (tmp_path / "a").write_bytes(b"stream")
     controller, terminal = os.openpty()
@@ -147,6 +195,14 @@ def test_restore_refuses_a_terminal_on_stdout(tmp_path: Path) -> None:
     assert "stdout, which is a terminal" in only_error_line(r)
 
 
+@pytest.mark.fault(
+    "restore into a reader that goes away (QEMU dies)",
+    direction="restore",
+    vm="n/a (the reader is gone)",
+    disk="n/a",
+    exit="1",
+    message="one line: 'Broken pipe'",
+)
 def test_restore_into_a_reader_that_goes_away(tmp_path: Path) -> None:
     image = tmp_path / "a"
     image.write_bytes(bytes(SyntheticStream(1000)))
@@ -199,6 +255,14 @@ def test_main_in_process(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.parametrize("command", ["inspect", "verify", "plugins"])
+@pytest.mark.fault(
+    "inspect, verify or plugins into a closed pipe",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="141 (as SIGPIPE)",
+    message="none",
+)
 def test_a_report_to_a_reader_that_went_away(tmp_path: Path, command: str) -> None:
     """``vmtransport inspect IMAGE | head`` with head gone: no traceback, and the status
     a writer killed by SIGPIPE would have."""

@@ -109,6 +109,14 @@ def close(ends: list[int], i: int) -> None:
 # --- exec: -----------------------------------------------------------------------------------
 
 
+@pytest.mark.fault(
+    "exec: consumer exits 0 after 100 bytes (head -c 100)",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="the consumer's 100 bytes only",
+    exit="1",
+    message="'the command exited 0 but left N bytes of the stream unread'",
+)
 def test_exec_command_that_stops_reading_fails(
     tmp_path: Path, stream_file: Path, stream: bytes
 ) -> None:
@@ -123,6 +131,14 @@ def test_exec_command_that_stops_reading_fails(
     assert out.read_bytes() == stream[:100]
 
 
+@pytest.mark.fault(
+    "exec: consumer stops reading and exits 3",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="n/a",
+    exit="1",
+    message="'command exited with status 3 before taking the whole stream' and its stderr",
+)
 def test_exec_command_that_stops_reading_and_fails_reports_its_status(
     tmp_path: Path, stream_file: Path
 ) -> None:
@@ -147,6 +163,14 @@ def test_exec_command_that_reads_everything_succeeds(
     assert out.read_bytes() == stream
 
 
+@pytest.mark.fault(
+    "helper SIGTERM mid-save while the exec: consumer does not read",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="n/a",
+    exit="1 within 10 s",
+    message="'interrupted by SIGTERM'",
+)
 def test_exec_sigterm_ends_the_wait_for_a_command_that_does_not_read(
     stream_file: Path, tmp_path: Path
 ) -> None:
@@ -166,6 +190,14 @@ def test_exec_sigterm_ends_the_wait_for_a_command_that_does_not_read(
 # --- fd: on a pipe ---------------------------------------------------------------------------
 
 
+@pytest.mark.fault(
+    "fd: pipe reader stops after 100 bytes",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="n/a",
+    exit="1",
+    message="names the URI: the reader closed the pipe with N bytes unread",
+)
 def test_fd_pipe_reader_that_stops_early_fails(
     pipe: list[int], stream_file: Path, stream: bytes
 ) -> None:
@@ -187,6 +219,14 @@ def test_fd_pipe_reader_that_stops_early_fails(
     )
 
 
+@pytest.mark.fault(
+    "fd: pipe read by a command that exits 0 early",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="n/a",
+    exit="1",
+    message="'the reader closed the pipe with ...'",
+)
 def test_fd_pipe_read_by_a_command_that_stops_early_fails(
     pipe: list[int], stream_file: Path, tmp_path: Path
 ) -> None:
@@ -219,6 +259,14 @@ def test_fd_pipe_read_to_the_end_succeeds(
     assert got == stream
 
 
+@pytest.mark.fault(
+    "fd: pipe nobody reads",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="n/a",
+    exit="fails after the stall limit (0.3-5 s)",
+    message="names the URI and the bytes left in the pipe",
+)
 def test_fd_pipe_nobody_reads_stalls_then_fails(
     pipe: list[int], stream: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -238,6 +286,14 @@ def test_fd_pipe_nobody_reads_stalls_then_fails(
     assert queued(pipe[0]) == len(stream)
 
 
+@pytest.mark.fault(
+    "cancel() while waiting for an fd: pipe's reader",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="n/a",
+    exit="Interrupted raised",
+    message="'fd:x: cancelled'",
+)
 def test_fd_pipe_cancel_ends_the_wait(pipe: list[int], stream: bytes) -> None:
     sink = FdSink(pipe[1], "fd:x", close=False, confirm=True)
     sink.write(memoryview(stream))
@@ -260,6 +316,14 @@ def test_fd_pipe_cancel_ends_the_wait(pipe: list[int], stream: bytes) -> None:
     assert str(errors[0]) == "fd:x: cancelled"
 
 
+@pytest.mark.fault(
+    "helper SIGTERM mid-save while waiting for an fd: pipe's reader",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="n/a",
+    exit="1",
+    message="'interrupted by SIGTERM'",
+)
 def test_fd_pipe_sigterm_ends_the_wait(pipe: list[int], stream_file: Path, stream: bytes) -> None:
     proc = save(f"fd:{pipe[1]}", stream_file, pass_fds=(pipe[1],))
     wait_until(lambda: queued(pipe[0]) == len(stream), "the stream in the pipe")
@@ -297,6 +361,14 @@ def test_fd_socket_read_to_the_end_succeeds(stream_file: Path, stream: bytes, ki
     assert got == stream
 
 
+@pytest.mark.fault(
+    "fd: socket peer closes early",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="n/a",
+    exit="1",
+    message="'the peer closed the connection before ...'",
+)
 def test_fd_socket_peer_that_closes_early_fails(stream_file: Path, stream: bytes) -> None:
     ours, theirs = socket.socketpair()
     fd = theirs.fileno()

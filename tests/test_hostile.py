@@ -247,6 +247,14 @@ def test_the_unmutated_streams_parse() -> None:
 
 @HOSTILE
 @given(stream_case(), st.sampled_from([1 << 20, 65536, 4096, 997, 61]))
+@pytest.mark.fault(
+    "random edits to a real stream (hypothesis: flips, inserts, deletes, cuts)",
+    direction="save",
+    vm="n/a (the stream parser)",
+    disk="n/a",
+    exit="StreamError unless still valid by QEMU's rules",
+    message="one line",
+)
 def test_parser_refuses_what_breaks_the_format(case: tuple[str, Mutation], chunk: int) -> None:
     name, edits = case
     data = edits.apply(STREAMS[name])
@@ -288,6 +296,14 @@ def flipped(data: bytes, at: int, mask: int) -> bytes:
 
 
 @pytest.mark.parametrize("what", list(STRUCTURE))
+@pytest.mark.fault(
+    "stream: a byte flipped in each structural field",
+    direction="save",
+    vm="n/a (the stream parser)",
+    disk="n/a",
+    exit="StreamError",
+    message="names the field, e.g. 'unknown RAM flags 0x9'",
+)
 def test_a_change_to_the_structure_is_refused_by_name(what: str) -> None:
     at, mask, reason = STRUCTURE[what]
     data = flipped(STREAMS["synthetic"], at, mask)
@@ -296,6 +312,14 @@ def test_a_change_to_the_structure_is_refused_by_name(what: str) -> None:
         parse(data, 4096)
 
 
+@pytest.mark.fault(
+    "stream cut at every section boundary",
+    direction="save",
+    vm="n/a (the stream parser)",
+    disk="n/a",
+    exit="StreamError",
+    message="'ended before QEMU's EOF marker (after N bytes)'",
+)
 def test_cuts_are_refused_by_name() -> None:
     data = STREAMS["synthetic"]
     for cut in [s.offset for s in _L.sections] + [_L.eof]:
@@ -318,6 +342,14 @@ CONTENT: dict[str, tuple[int, int]] = {  # what: (offset, xor mask)
 
 
 @pytest.mark.parametrize("what", list(CONTENT))
+@pytest.mark.fault(
+    "stream: a byte changed that only a checksum can tell",
+    direction="save",
+    vm="n/a (the stream parser)",
+    disk="n/a",
+    exit="accepted (the stream is still valid)",
+    message="none: an image's checksum catches it (see restore)",
+)
 def test_a_change_only_a_checksum_can_tell(what: str) -> None:
     at, mask = CONTENT[what]
     data = flipped(STREAMS["synthetic"], at, mask)
@@ -326,6 +358,14 @@ def test_a_change_only_a_checksum_can_tell(what: str) -> None:
     assert p.complete and p.ram_blocks == parse(STREAMS["synthetic"], 4096).ram_blocks
 
 
+@pytest.mark.fault(
+    "stream: a whole page record dropped",
+    direction="save",
+    vm="n/a (the stream parser)",
+    disk="n/a",
+    exit="accepted (still valid)",
+    message="none: an image's checksum and length catch it (see restore)",
+)
 def test_a_dropped_page_record_is_still_a_stream() -> None:
     z = _ZERO[3]
     data = STREAMS["synthetic"][: z.header] + STREAMS["synthetic"][z.end :]
@@ -356,6 +396,14 @@ def test_the_oracle_names_each_lax_rule(rule: str) -> None:
 
 @pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason="the parser is lax here")
 @pytest.mark.parametrize("rule", LAX_SPOTS)
+@pytest.mark.fault(
+    "stream breaking a rule the parser is lax about",
+    direction="save",
+    vm="n/a (the stream parser)",
+    disk="n/a",
+    exit="StreamError",
+    message="one line",
+)
 def test_parser_enforces(rule: str) -> None:
     with pytest.raises(StreamError):
         parse(LAX[rule](STREAMS["synthetic"]), 4096)
@@ -411,6 +459,14 @@ def exercise(path: Path, data: bytes) -> tuple[VMTransportError | None, ...]:
 
 @HOSTILE
 @given(case=stream_case())
+@pytest.mark.fault(
+    "random edits to a raw stream (hypothesis)",
+    direction="restore",
+    vm="n/a",
+    disk="n/a",
+    exit="restore refuses what the parser refuses; verify always refuses",
+    message="names the input; verify's reason is restore's",
+)
 def test_mutated_raw_streams(workdir: Path, case: tuple[str, Mutation]) -> None:
     """Restore refuses what the parser refuses; what it takes, inspect describes and
     verify refuses only for want of a checksum."""
@@ -430,6 +486,14 @@ def test_mutated_raw_streams(workdir: Path, case: tuple[str, Mutation]) -> None:
 
 @HOSTILE
 @given(case=image_case())
+@pytest.mark.fault(
+    "random edits to an image (hypothesis)",
+    direction="restore",
+    vm="restore stops before QEMU's EOF marker",
+    disk="n/a",
+    exit="verify and restore raise",
+    message="names the image; verify's reason is restore's",
+)
 def test_mutated_images_never_verify_or_restore(
     workdir: Path, images: dict[str, bytes], case: tuple[str, Mutation]
 ) -> None:
@@ -468,6 +532,14 @@ def payload_case(draw: st.DrawFn) -> tuple[str, Mutation]:
 
 @HOSTILE
 @given(case=payload_case())
+@pytest.mark.fault(
+    "1-4 payload bytes of an image changed (hypothesis)",
+    direction="restore",
+    vm="n/a",
+    disk="n/a",
+    exit="verify and restore raise",
+    message="'checksum mismatch' when the structure holds, else the structural reason",
+)
 def test_changed_payload_bytes_are_caught_by_the_structure_or_the_checksum(
     workdir: Path, images: dict[str, bytes], case: tuple[str, Mutation]
 ) -> None:
@@ -490,6 +562,15 @@ def test_changed_payload_bytes_are_caught_by_the_structure_or_the_checksum(
 
 
 @pytest.mark.parametrize("what", list(CONTENT))
+@pytest.mark.fault(
+    "image: a byte changed that only the checksum can tell (page content or offset, "
+    "machine type, device state, VM description)",
+    direction="restore",
+    vm="n/a",
+    disk="n/a",
+    exit="verify and restore raise",
+    message="'checksum mismatch'; a dropped page record: 'image truncated'",
+)
 def test_the_checksum_tells_what_the_structure_cannot(
     workdir: Path, images: dict[str, bytes], what: str
 ) -> None:
@@ -552,6 +633,14 @@ def libvirt_case(draw: st.DrawFn) -> LibvirtCase:
 
 @settings(HOSTILE, max_examples=150)
 @given(case=libvirt_case())
+@pytest.mark.fault(
+    "libvirt image: any header field overwritten, maybe more edits (hypothesis)",
+    direction="restore",
+    vm="n/a",
+    disk="n/a",
+    exit="restore raises or passes the stream; verify always refuses",
+    message="'libvirt-save-image has no checksum to verify'",
+)
 def test_hostile_libvirt_images(workdir: Path, case: LibvirtCase) -> None:
     _, verified, restored = exercise(workdir / "libvirt", case.build())
     assert verified is not None, "a libvirt image has no checksum: it never verifies"
@@ -584,6 +673,14 @@ def all_refuse(path: Path, data: bytes, reason: str) -> None:
 
 
 @pytest.mark.parametrize("order", BYTE_ORDERS)
+@pytest.mark.fault(
+    "libvirt image: XML length claims 4 GiB",
+    direction="restore",
+    vm="n/a",
+    disk="n/a",
+    exit="inspect, verify, restore raise within 2 s and 16 MiB",
+    message="'4294967295 bytes'",
+)
 def test_libvirt_header_claiming_4_gib(workdir: Path, order: Literal["little", "big"]) -> None:
     head = bytearray(build_libvirt_header("<domain/>", was_running=True, byteorder=order))
     head[20:24] = struct.pack("<I" if order == "little" else ">I", 0xFFFFFFFF)
@@ -594,6 +691,14 @@ def test_libvirt_header_claiming_4_gib(workdir: Path, order: Literal["little", "
     all_refuse(workdir / "lv4g", data, "4294967295 bytes")
 
 
+@pytest.mark.fault(
+    "libvirt image: XML length beyond the file's end",
+    direction="restore",
+    vm="n/a",
+    disk="n/a",
+    exit="verify and restore raise within 2 s and 16 MiB",
+    message="'too short'",
+)
 def test_libvirt_header_claiming_more_than_the_file(workdir: Path) -> None:
     head = bytearray(build_libvirt_header("<domain/>", was_running=True))
     head[16:20] = struct.pack("=I", 2)
@@ -614,6 +719,14 @@ def image_with(base: bytes, **fields: int) -> bytes:
     return bytes(head) + base[HEADER:]
 
 
+@pytest.mark.fault(
+    "image header claims a 1 PiB payload",
+    direction="restore",
+    vm="restore writes at most the real payload",
+    disk="n/a",
+    exit="verify and restore raise",
+    message="'truncated'",
+)
 def test_image_claiming_a_huge_payload(workdir: Path, images: dict[str, bytes]) -> None:
     base = images["qemu7.2-pc"]
     huge = 1 << 50
@@ -625,6 +738,14 @@ def test_image_claiming_a_huge_payload(workdir: Path, images: dict[str, bytes]) 
     assert written <= len(base) - HEADER
 
 
+@pytest.mark.fault(
+    "image truncated (last byte, after the header, mid-header)",
+    direction="restore",
+    vm="n/a",
+    disk="n/a",
+    exit="verify and restore raise",
+    message="'truncated' / 'too short'",
+)
 def test_image_shorter_than_its_payload_claims_is_truncated(
     workdir: Path, images: dict[str, bytes]
 ) -> None:
@@ -634,21 +755,53 @@ def test_image_shorter_than_its_payload_claims_is_truncated(
     all_refuse(workdir / "half-header", base[: HEADER // 2], "too short")
 
 
+@pytest.mark.fault(
+    "image with bytes after its payload",
+    direction="restore",
+    vm="n/a",
+    disk="n/a",
+    exit="verify and restore raise",
+    message="'after the payload'",
+)
 def test_image_with_bytes_beyond_its_payload(workdir: Path, images: dict[str, bytes]) -> None:
     all_refuse(workdir / "long", images["qemu10.0-q35"] + b"\0" * 10, "after the payload")
 
 
+@pytest.mark.fault(
+    "image header: EOF offset 200 MiB before the end",
+    direction="restore",
+    vm="n/a",
+    disk="n/a",
+    exit="verify and restore raise",
+    message="'inconsistent image header'",
+)
 def test_image_withholding_more_than_64_mib(workdir: Path, images: dict[str, bytes]) -> None:
     base = images["qemu7.2-pc"]
     data = image_with(base, payload_length=200 << 20, eof_offset=10)
     all_refuse(workdir / "withheld", data, "inconsistent image header")
 
 
+@pytest.mark.fault(
+    "image header: metadata length beyond the header",
+    direction="restore",
+    vm="n/a",
+    disk="n/a",
+    exit="verify and restore raise",
+    message="'inconsistent image header'",
+)
 def test_image_metadata_length_beyond_the_header(workdir: Path, images: dict[str, bytes]) -> None:
     data = image_with(images["qemu7.2-pc"], metadata_length=0xFFFFFFFF)
     all_refuse(workdir / "meta", data, "inconsistent image header")
 
 
+@pytest.mark.fault(
+    "stream claims a 4 GiB machine type or VM description",
+    direction="restore",
+    vm="n/a",
+    disk="n/a",
+    exit="verify and restore raise within 2 s and 16 MiB",
+    message="'implausible machine type length' / 'inside the VM description'",
+)
 def test_stream_claiming_huge_lengths(workdir: Path) -> None:
     """A machine type of 4 GiB, a VM description of 4 GiB: refused, nothing allocated."""
     base = STREAMS["qemu7.2-pc"]

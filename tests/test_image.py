@@ -59,6 +59,14 @@ SINKS = ["file", "odirect", "file,format=raw"]
     ],
     ids=["text", "near-magic", "elf", "vmtransport-image", "libvirt-image"],
 )
+@pytest.mark.fault(
+    "a few bytes that are not a QEMU stream, producer still open",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="nothing in the target directory",
+    exit="1 within 5 s",
+    message="names the image: 'not a QEMU migration stream'",
+)
 def test_save_refuses_non_qemu_data_at_once(tmp_path: Path, junk: bytes) -> None:
     """A few bytes of junk, and the producer keeps its end open: the helper must not wait
     for more (a buffer to fill, or EOF) before refusing."""
@@ -87,6 +95,14 @@ def test_save_refuses_non_qemu_data_at_once(tmp_path: Path, junk: bytes) -> None
     assert listing(out) == [], "file or temporary left"
 
 
+@pytest.mark.fault(
+    "endless input that is not a QEMU stream",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="nothing in the target directory",
+    exit="1, before 8 MiB are read",
+    message="'not a QEMU migration stream'",
+)
 def test_save_refuses_an_endless_non_qemu_stream_without_reading_it_all(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
@@ -146,6 +162,14 @@ def cuts(stream: bytes) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("name", ["qemu7.2-pc", "qemu10.0-q35"])
+@pytest.mark.fault(
+    "stream truncated at 10 points (configuration, RAM, device state, EOF, VM description)",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="nothing in the target directory",
+    exit="1",
+    message="names the URI: 'incomplete migration stream', 'after N bytes'",
+)
 def test_save_refuses_truncated_stream(tmp_path: Path, name: str) -> None:
     """Every cut into an image on file:, three of them into odirect: and raw targets too:
     exit 1 with one line, and the target directory stays empty. The helpers run

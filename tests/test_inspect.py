@@ -250,7 +250,29 @@ def make_bad(saved: Saved, how: str, path: Path) -> None:
                        "partial": "partial"}[how], path)  # fmt: skip
 
 
-@pytest.mark.parametrize("how", list(VERIFY_FAILURES))
+BAD = {
+    "flipped-byte": "image: a byte of the guest's RAM flipped mid-payload",
+    "truncated": "image truncated inside the VM description (after QEMU's EOF marker)",
+    "partial": "image marked partial (header state 0, CRC right)",
+    "raw-stream": "a raw stream given to verify",
+    "libvirt-image": "a libvirt image given to verify",
+}
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        pytest.param(how, marks=pytest.mark.fault(
+            BAD[how], direction="inspect/verify", vm="n/a", disk="n/a",
+            exit="verify 1, nothing on stdout; inspect --json 0" + (
+                ", complete true (no image)" if how in ("raw-stream", "libvirt-image")
+                else ", complete false"
+            ),
+            message=f"'{expected}'",
+        ))
+        for how, expected in VERIFY_FAILURES.items()
+    ],
+)  # fmt: skip
 def test_verify_refuses(saved: Saved, tmp_path: Path, how: str) -> None:
     bad = tmp_path / "bad"
     make_bad(saved, how, bad)

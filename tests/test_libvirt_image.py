@@ -74,13 +74,19 @@ def test_version_1_is_raw() -> None:
 @pytest.mark.parametrize(
     ("offset", "value", "message"),
     [
-        (16, 3, "version"),
-        (16, 0, "version"),
-        (28, 7, "format 7"),
-        (20, 0, "lengths"),
-        (32, 1 << 30, "lengths"),
+        pytest.param(at, value, message, marks=pytest.mark.fault(
+            f"libvirt image: {field}", direction="restore", vm="n/a (header parser)",
+            disk="n/a", exit="StreamError", message=f"'{message}'",
+        ))
+        for field, at, value, message in [
+            ("version 3", 16, 3, "version"),
+            ("version 0", 16, 0, "version"),
+            ("format (compressed) 7", 28, 7, "format 7"),
+            ("XML length (data_len) 0", 20, 0, "lengths"),
+            ("cookieOffset beyond data_len", 32, 1 << 30, "lengths"),
+        ]
     ],
-)
+)  # fmt: skip
 def test_bad_fields(offset: int, value: int, message: str) -> None:
     raw = bytearray(build_libvirt_header(XML, was_running=True))
     struct.pack_into("=I", raw, offset, value)
@@ -88,6 +94,14 @@ def test_bad_fields(offset: int, value: int, message: str) -> None:
         parse_libvirt_header(bytes(raw))
 
 
+@pytest.mark.fault(
+    "libvirt image: header truncated, XML length beyond the data, XML not UTF-8",
+    direction="restore",
+    vm="n/a (header parser)",
+    disk="n/a",
+    exit="StreamError",
+    message="'truncated' / 'needs N bytes' / 'not UTF-8'",
+)
 def test_short_data_and_bad_text() -> None:
     raw = build_libvirt_header(XML, was_running=True)
     with pytest.raises(StreamError, match="truncated"):

@@ -169,6 +169,14 @@ def test_byte_swapped_header(
     assert files_equal(src_ram, dst), describe_difference(src_ram, dst)
 
 
+@pytest.mark.fault(
+    "libvirt image: magic LibvirtQemudPart (never finished)",
+    direction="restore",
+    vm="QEMU gets the refusal marker, not one byte of the stream",
+    disk="n/a",
+    exit="1 (restore and verify)",
+    message="names the image: 'partial', 'LibvirtQemudPart'",
+)
 def test_partial_libvirt_image_is_refused(sparse: tuple[Path, Path], tmp_path: Path) -> None:
     """LibvirtQemudPart: libvirt never finished writing it. Not one byte goes out."""
     _, stream = sparse
@@ -191,6 +199,14 @@ def test_partial_libvirt_image_is_refused(sparse: tuple[Path, Path], tmp_path: P
     assert r.returncode == 1 and "partial" in one_error_line(r.stderr)
 
 
+@pytest.mark.fault(
+    "libvirt image: payload (gzip) cut short",
+    direction="restore",
+    vm="destination QEMU's load fails (exit 1)",
+    disk="n/a",
+    exit="QEMU exits 1",
+    message="one line naming the image",
+)
 def test_corrupt_compressed_payload_fails_the_load(
     qemu_cmds: dict[str, str], sparse: tuple[Path, Path], tmp_path: Path
 ) -> None:

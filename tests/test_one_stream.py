@@ -41,6 +41,14 @@ def parse(data: bytes, **kw: bool | None) -> StreamParser:
 
 
 @pytest.mark.parametrize("name", [*REAL, "synthetic"])
+@pytest.mark.fault(
+    "two streams concatenated (cat s s), parser",
+    direction="save",
+    vm="n/a (the stream parser)",
+    disk="n/a",
+    exit="StreamError",
+    message="'N bytes after the end of QEMU's stream', 'ends at offset N'",
+)
 def test_parser_refuses_what_follows_the_end(name: str) -> None:
     s = stream(name)
     eof, _ = description_at_end(s)
@@ -62,6 +70,14 @@ def test_device_state_files_have_no_description() -> None:
         parse(d + d)
 
 
+@pytest.mark.fault(
+    "no VM description (suppress-vmdesc), then a second stream",
+    direction="save",
+    vm="n/a (the stream parser)",
+    disk="n/a",
+    exit="StreamError unless the caller says the machine suppresses it; the second stream always",
+    message="'VM description is missing' / 'N bytes after the end of QEMU's stream'",
+)
 def test_suppressed_description_when_the_caller_says_so() -> None:
     """suppress-vmdesc=on: QEMU writes nothing after EOF; accepted only when told, and
     a second stream after it is refused all the same."""
@@ -78,6 +94,30 @@ def test_suppressed_description_when_the_caller_says_so() -> None:
 
 
 @pytest.mark.parametrize("name", [*REAL, "synthetic"])
+@pytest.mark.fault(
+    "two streams concatenated (cat s s)",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="nothing in the target directory",
+    exit="1",
+    message="names the URI: 'N bytes after the end of QEMU's stream'",
+)
+@pytest.mark.fault(
+    "junk after the VM description",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="nothing in the target directory",
+    exit="1",
+    message="names the URI: 'N bytes after the end of QEMU's stream'",
+)
+@pytest.mark.fault(
+    "stream cut right after QEMU's EOF marker (VM description lost)",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="nothing in the target directory",
+    exit="1",
+    message="names the URI: 'VM description is missing'",
+)
 def test_save_refuses_two_streams(tmp_path: Path, name: str) -> None:
     s = stream(name)
     eof, _ = description_at_end(s)
@@ -122,6 +162,14 @@ def device_state_start(s: bytes) -> int:
 
 @pytest.mark.parametrize("recorded", ["first", "second"])
 @pytest.mark.parametrize("name", REAL)
+@pytest.mark.fault(
+    "image holding two streams (header right for both, EOF recorded at either)",
+    direction="restore",
+    vm="QEMU gets nothing of the first stream's device state, let alone its EOF marker",
+    disk="n/a",
+    exit="1 (verify and restore)",
+    message="'N bytes after the end of QEMU's stream'",
+)
 def test_verify_and_restore_refuse_an_image_of_two_streams(
     tmp_path: Path, name: str, recorded: str
 ) -> None:
@@ -143,6 +191,14 @@ def test_verify_and_restore_refuse_an_image_of_two_streams(
     assert restore.stdout == s[: device_state_start(s)], "QEMU was given device state"
 
 
+@pytest.mark.fault(
+    "image holding two streams (header right for both)",
+    direction="inspect/verify",
+    vm="n/a",
+    disk="n/a",
+    exit="inspect --json: complete false",
+    message="problems: 'bytes after the end of QEMU's stream'; checksum_ok true",
+)
 def test_inspect_says_not_complete(tmp_path: Path) -> None:
     s = stream("qemu10.0-pc")
     img = tmp_path / "two.sav"
@@ -164,6 +220,14 @@ def test_description_event_only_for_the_real_end() -> None:
     assert p.eof_offset == description_at_end(s)[0]
 
 
+@pytest.mark.fault(
+    "QEMU with suppress-vmdesc=on: no VM description",
+    direction="save",
+    vm="not checked",
+    disk="nothing in the target directory",
+    exit="not checked",
+    message="'VM description is missing', 'suppress-vmdesc=on'",
+)
 def test_real_qemu_with_suppress_vmdesc(qemu: str, tmp_path: Path) -> None:
     """QEMU 7.2 and 10.0 with ``suppress-vmdesc=on`` write nothing after EOF: the
     stream is what a cut one looks like, so ``save`` refuses it and says why; the same
@@ -191,6 +255,14 @@ def test_real_qemu_with_suppress_vmdesc(qemu: str, tmp_path: Path) -> None:
     assert listing(out) == []
 
 
+@pytest.mark.fault(
+    "two streams concatenated, the second bigger than the device-state buffer",
+    direction="save",
+    vm="n/a (the stream parser)",
+    disk="n/a",
+    exit="StreamError",
+    message="'bytes after the end of QEMU's stream (another stream starts at offset N'",
+)
 def test_two_big_streams_are_refused_for_what_they_are() -> None:
     """A second stream whose RAM overflows the device-state buffer is named as such."""
     s = SyntheticStream(18000, distinct_pages=4)  # 70 MiB of RAM

@@ -356,6 +356,14 @@ def leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 
 
+@pytest.mark.fault(
+    "disk stalls mid-save, then cancel()",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="nothing under any name, during the stuck write and after",
+    exit="Interrupted raised; cancel returns in < 1 s",
+    message="none (in-process)",
+)
 def test_cancel_of_a_save_stuck_on_a_stalled_disk(tmp_path: Path) -> None:
     """The acceptance test of issue 10: a save whose sink blocks is cancelled within 1 s;
     no image is left, and the sink is aborted only after its stuck write returned."""
@@ -393,6 +401,14 @@ def test_cancel_of_a_save_stuck_on_a_stalled_disk(tmp_path: Path) -> None:
     os.close(r)
 
 
+@pytest.mark.fault(
+    "disk stalls mid-copy, then a trio cancel scope",
+    direction="copy",
+    vm="n/a",
+    disk="nothing under any name; the sink aborted, never committed",
+    exit="cancelled in < 1 s",
+    message="none (in-process)",
+)
 def test_cancel_from_trio_returns_while_the_write_is_stuck(tmp_path: Path) -> None:
     """A trio caller's cancel scope ends a copy stuck on a stalled sink within 1 s."""
     StallTransport.sinks.clear()
@@ -424,6 +440,14 @@ def test_cancel_from_trio_returns_while_the_write_is_stuck(tmp_path: Path) -> No
     assert leftovers(out_dir) == []
 
 
+@pytest.mark.fault(
+    "helper SIGTERM mid-copy into a pipe nobody reads",
+    direction="copy",
+    vm="n/a",
+    disk="n/a",
+    exit="1 within 1 s",
+    message="'interrupted by SIGTERM'",
+)
 def test_copy_into_a_pipe_nobody_reads_stops_on_sigterm(tmp_path: Path) -> None:
     """``vmtransport copy SRC fd:N`` blocked on a full pipe exits within 1 s of SIGTERM."""
     src = SyntheticStream(size=32 * MIB, seed=9).write_to(tmp_path / "s.bin")
@@ -482,6 +506,14 @@ def test_cancel_before_run_aborts_nothing_and_refuses_to_start(tmp_path: Path) -
     os.close(r)
 
 
+@pytest.mark.fault(
+    "a third-party sink fails its write",
+    direction="restore",
+    vm="n/a",
+    disk="the sink aborted",
+    exit="TransportError raised",
+    message="the sink's own message",
+)
 def test_failing_sink_error_reaches_the_caller(tmp_path: Path) -> None:
     class Failing(Sink):
         aborted = False

@@ -387,6 +387,14 @@ def _file_sink(path: Path) -> Sink:
     return vmtransport.open_sink(f"file:{path}")
 
 
+@pytest.mark.fault(
+    "a tap (validator) fails mid-save",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="nothing in the directory",
+    exit="the tap's exception raised",
+    message="the tap's own",
+)
 def test_failing_tap_aborts_the_sink(tmp_path: Path, pipe: Pipe) -> None:
     r = pipe.r
     image = tmp_path / "vm.sav"
@@ -404,6 +412,14 @@ def test_failing_tap_aborts_the_sink(tmp_path: Path, pipe: Pipe) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.fault(
+    "a tap (validator) fails mid-save, async pump",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="nothing in the directory; the source's flags put back",
+    exit="the tap's exception raised",
+    message="the tap's own",
+)
 async def test_failing_tap_aborts_both_ends_async(tmp_path: Path, pipe: Pipe) -> None:
     r = pipe.r
     image = tmp_path / "vm.sav"
@@ -424,6 +440,14 @@ async def test_failing_tap_aborts_both_ends_async(tmp_path: Path, pipe: Pipe) ->
     assert os.get_blocking(r)  # the source was aborted: its flags are back
 
 
+@pytest.mark.fault(
+    "async pump cancelled while the producer is quiet",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="nothing in the directory; the source's flags put back",
+    exit="Cancelled",
+    message="none",
+)
 async def test_cancelled_pump_aborts_the_sink(tmp_path: Path, pipe: Pipe) -> None:
     r = pipe.r
     image = tmp_path / "vm.sav"
@@ -542,6 +566,14 @@ def test_parallel_reads_arrive_in_order(tmp_path: Path, depth: int, size: int) -
     assert reader.head == data[: BlockingReader.HEAD]
 
 
+@pytest.mark.fault(
+    "read error mid-file (parallel reads)",
+    direction="restore",
+    vm="the sink got exactly the bytes before the error, then abort",
+    disk="n/a",
+    exit="TransportError raised",
+    message="'injected failure at N'",
+)
 def test_parallel_read_error_reaches_the_pump_after_the_good_chunks(tmp_path: Path) -> None:
     data = os.urandom(640 * KIB)
     path = tmp_path / "src"
@@ -567,6 +599,14 @@ def test_parallel_read_error_reaches_the_pump_after_the_good_chunks(tmp_path: Pa
     assert sink.hash.hexdigest() == hashlib.sha256(data[: 320 * KIB]).hexdigest()
 
 
+@pytest.mark.fault(
+    "the sink fails its first write (parallel reads)",
+    direction="restore",
+    vm="n/a",
+    disk="every reader thread ends",
+    exit="TransportError raised",
+    message="the sink's own",
+)
 def test_parallel_reads_stop_when_the_sink_fails(tmp_path: Path) -> None:
     path = tmp_path / "src"
     path.write_bytes(os.urandom(4 * MIB))

@@ -82,7 +82,28 @@ def wait_transferred(vm: VM, nbytes: int, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize(("how", "kind"), [("migrate_cancel", "odirect"), ("SIGKILL", "file")])
+def _interrupted(fault: str, vm: str) -> pytest.MarkDecorator:
+    return pytest.mark.fault(
+        fault,
+        direction="save",
+        vm=vm,
+        disk="target directory empty: no image, no temporary",
+        exit="1",
+        message="one line naming the image: 'incomplete migration stream'",
+    )
+
+
+@pytest.mark.parametrize(
+    ("how", "kind"),
+    [
+        pytest.param("migrate_cancel", "odirect", marks=_interrupted(
+            "migration cancelled mid-save (migrate_cancel)", "source reports 'cancelled'"
+        )),
+        pytest.param("SIGKILL", "file", marks=_interrupted(
+            "QEMU killed mid-save (SIGKILL)", "n/a (the source QEMU is killed)"
+        )),
+    ],
+)  # fmt: skip
 def test_interrupted_save_leaves_no_image(qemu: str, tmp_path: Path, how: str, kind: str) -> None:
     """The helper is fed through QEMU's own ``fd:`` (getfd), so the test holds its exit
     status. QEMU closes the pipe early (cancel) or dies: the helper exits 1 saying the
@@ -203,7 +224,29 @@ def test_intact_image_restores(saved: Saved, tmp_path: Path) -> None:
     assert files_equal(saved.src_ram, dst), describe_difference(saved.src_ram, dst)
 
 
-@pytest.mark.parametrize("how", list(EXPECTED))
+DAMAGE = {
+    "payload-flip": "image: a byte of the guest's RAM flipped mid-payload",
+    "truncated-mid": "image truncated mid-payload",
+    "truncated-tail": "image truncated inside the VM description (after QEMU's EOF marker)",
+    "partial": "image marked partial (header state 0, CRC right)",
+    "header-flip": "image: a header byte flipped (metadata padding: the CRC only)",
+}
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        pytest.param(how, marks=pytest.mark.fault(
+            DAMAGE[how], direction="restore",
+            vm="destination QEMU's load fails (exit 1): never runs", disk="n/a",
+            exit="QEMU exits 1; inspect " + (
+                "exits 1" if how == "header-flip" else "--json exits 0: complete false"
+            ),
+            message=f"one line naming the image: '{expected}'",
+        ))
+        for how, expected in EXPECTED.items()
+    ],
+)  # fmt: skip
 def test_damaged_image_fails_the_load(saved: Saved, tmp_path: Path, how: str) -> None:
     bad = tmp_path / "bad.img"
     damage(saved, how, bad)

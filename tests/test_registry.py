@@ -181,6 +181,14 @@ async def test_extra_module_round_trip(tmp_path: Path) -> None:
     assert bytes(buf[:n]) == payload
 
 
+@pytest.mark.fault(
+    "plugin claiming a built-in scheme (in code)",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="PluginError",
+    message="'scheme 'file' is claimed by two plugins', both named",
+)
 def test_extra_module_claiming_a_builtin_scheme() -> None:
     clash = load_fixture("clash_vmt_plugin")
     with pytest.raises(PluginError) as info:
@@ -191,6 +199,14 @@ def test_extra_module_claiming_a_builtin_scheme() -> None:
     assert "'clash_vmt_plugin' (registered in code)" in msg
 
 
+@pytest.mark.fault(
+    "plugin with a misspelled hook",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="PluginError",
+    message="'unknown hook ...' naming the plugin",
+)
 def test_plugin_with_a_misspelled_hook() -> None:
     class Typo:
         @vmtransport.hookimpl
@@ -211,6 +227,14 @@ def test_plugin_with_a_misspelled_hook() -> None:
         ("file", r"plugin 'extra-0' returned 'file', not a sequence of Transports"),
     ],
 )
+@pytest.mark.fault(
+    "plugin hook returning something other than Transports",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="PluginError",
+    message="names the plugin and what it returned",
+)
 def test_plugin_returning_something_else(returned: object, error: str) -> None:
     class Bad:
         @vmtransport.hookimpl
@@ -221,6 +245,14 @@ def test_plugin_returning_something_else(returned: object, error: str) -> None:
         Registry(entry_points=False, extra=(Bad(),))
 
 
+@pytest.mark.fault(
+    "plugin hook that raises",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="PluginError",
+    message="'plugin ...: vmtransport_transports() failed: <its error>'",
+)
 def test_plugin_whose_hook_raises() -> None:
     class Broken:
         @vmtransport.hookimpl
@@ -486,6 +518,14 @@ def test_cli_save_and_restore_through_the_plugin(demo_site: Path, tmp_path: Path
     assert again.read_bytes() == stored
 
 
+@pytest.mark.fault(
+    "URI of a scheme no plugin provides",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="2",
+    message="'unknown scheme ...'",
+)
 def test_cli_without_the_plugin_does_not_know_the_scheme(tmp_path: Path) -> None:
     r = vmt("restore", f"xor:{tmp_path / 'x'}", env=env_with(None))
     assert r.returncode == 2
@@ -512,6 +552,14 @@ def test_cli_disable_plugins_hides_it(demo_site: Path, tmp_path: Path) -> None:
     assert b"xor:" in r.stdout
 
 
+@pytest.mark.fault(
+    "installed plugin claiming file:",
+    direction="cli",
+    vm="n/a",
+    disk="nothing created",
+    exit="1",
+    message="one line: 'scheme 'file' is claimed by two plugins', both named",
+)
 def test_cli_plugin_claiming_file_is_refused(clash_site: Path, tmp_path: Path) -> None:
     env = env_with(clash_site)
     for args in (("plugins",), ("save", f"file:{tmp_path / 'x'}")):
@@ -531,6 +579,14 @@ def test_cli_plugin_claiming_file_is_refused(clash_site: Path, tmp_path: Path) -
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.fault(
+    "installed plugin that cannot be imported",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="1",
+    message="one line: 'cannot load plugin ...', the ImportError",
+)
 def test_cli_plugin_that_cannot_be_imported(tmp_path: Path) -> None:
     site = tmp_path / "site"
     info = site / "broken_plugin-2.0.dist-info"

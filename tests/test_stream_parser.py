@@ -180,6 +180,14 @@ def test_footer_scan_agrees_with_description(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", FIXTURES)
+@pytest.mark.fault(
+    "stream cut at ~160 points of real streams",
+    direction="save",
+    vm="n/a (the stream parser)",
+    disk="n/a",
+    exit="StreamError at close()",
+    message="'stream ended before QEMU's EOF marker', 'after N bytes'",
+)
 def test_truncated_streams_are_incomplete(name: str) -> None:
     data, meta = load_stream(name)
     eof = parse(data).parser.eof_offset
@@ -198,6 +206,14 @@ def test_truncated_streams_are_incomplete(name: str) -> None:
             assert f"after {cut} bytes" in str(info.value)
 
 
+@pytest.mark.fault(
+    "stream cut inside the RAM section",
+    direction="save",
+    vm="n/a (the stream parser)",
+    disk="n/a",
+    exit="StreamError",
+    message="'after 200 bytes, ... section 'ram''",
+)
 def test_truncated_message_names_the_section() -> None:
     data, _ = load_stream("qemu7.2-pc")
     p = StreamParser()
@@ -206,6 +222,14 @@ def test_truncated_message_names_the_section() -> None:
         p.close()
 
 
+@pytest.mark.fault(
+    "8 bytes that are not a QEMU stream (text, ELF, libvirt magic, version 2)",
+    direction="save",
+    vm="n/a (the stream parser)",
+    disk="n/a",
+    exit="StreamError at the first bytes",
+    message="'not a QEMU migration stream' / 'version 2 is obsolete'",
+)
 def test_non_qemu_data_refused_at_once() -> None:
     for junk in (b"GARBAGE!", b"\x7fELF\x02\x01\x01\x00", b"LibvirtQemudSave"):
         with pytest.raises(StreamError, match="not a QEMU migration stream"):
@@ -229,6 +253,14 @@ def parse_error(data: bytes, chunks: Iterator[int] | None = None) -> StreamError
 
 
 @pytest.mark.parametrize("name", FIXTURES)
+@pytest.mark.fault(
+    "1-4 random bytes of a real stream overwritten",
+    direction="save",
+    vm="n/a (the stream parser)",
+    disk="n/a",
+    exit="StreamError unless still valid by QEMU's rules",
+    message="one line",
+)
 def test_corrupted_bytes_are_refused_unless_still_valid(name: str) -> None:
     """Refused, or still a valid stream by QEMU's rules (helpers.stream_violation): a
     byte of a page or of a device's state changed."""
@@ -255,6 +287,14 @@ _SMALL = min(FIXTURES, key=lambda n: (DATA / f"{n}.bin.gz").stat().st_size, defa
     cut=st.integers(0, 1 << 30),
     chunk=st.integers(1, 5000),
 )
+@pytest.mark.fault(
+    "random overwrites, inserts, deletes and cuts (hypothesis)",
+    direction="save",
+    vm="n/a (the stream parser)",
+    disk="n/a",
+    exit="StreamError unless still valid by QEMU's rules",
+    message="one line",
+)
 def test_hypothesis_mangled_streams(edits: list[tuple[int, bytes]], cut: int, chunk: int) -> None:
     data, _ = load_stream(_SMALL)
     buf = bytearray(data)
@@ -268,6 +308,14 @@ def test_hypothesis_mangled_streams(edits: list[tuple[int, bytes]], cut: int, ch
 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=600))
+@pytest.mark.fault(
+    "random bytes after a valid header (hypothesis)",
+    direction="save",
+    vm="n/a (the stream parser)",
+    disk="n/a",
+    exit="StreamError unless still valid by QEMU's rules",
+    message="one line",
+)
 def test_hypothesis_arbitrary_bytes_after_header(tail: bytes) -> None:
     stream = StreamWriter().getvalue() + tail
     refused_unless_valid(stream, parse_error(stream))
@@ -378,11 +426,27 @@ def test_xbzrle_pages() -> None:
         (0x18, "unknown RAM flags"),
     ],
 )
+@pytest.mark.fault(
+    "RAM records QEMU's precopy never writes here (compressed, RDMA, unknown flags)",
+    direction="save",
+    vm="n/a (the stream parser)",
+    disk="n/a",
+    exit="StreamError",
+    message="names the record: 'compressed RAM pages', 'RDMA', 'unknown RAM flags'",
+)
 def test_unsupported_ram_records(flags: int, message: str) -> None:
     with pytest.raises(StreamError, match=message):
         parse(ram_stream(pages=lambda w: w.ram_word(0, flags).name("pc.ram")))
 
 
+@pytest.mark.fault(
+    "RAM page continuing no block, or naming an unknown one",
+    direction="save",
+    vm="n/a (the stream parser)",
+    disk="n/a",
+    exit="StreamError",
+    message="'continues no block' / 'unknown block ...'",
+)
 def test_continue_without_block_and_unknown_block() -> None:
     with pytest.raises(StreamError, match="continues no block"):
         parse(ram_stream(pages=lambda w: w.page(0)))
@@ -487,6 +551,14 @@ def test_stream_without_footers() -> None:
         parse(data[: eof + 1])
 
 
+@pytest.mark.fault(
+    "VM description not matching the devices, not JSON, or followed by bytes",
+    direction="save",
+    vm="n/a (the stream parser)",
+    disk="n/a",
+    exit="StreamError",
+    message="names the device / 'not valid JSON' / 'N bytes after the end of QEMU's stream'",
+)
 def test_description_mismatch_and_trailing_bytes() -> None:
     data = ram_stream(devices=[(0, "timer", b"a"), (5, "apic", b"b")])
     eof = parse(data).parser.eof_offset
@@ -503,6 +575,14 @@ def test_description_mismatch_and_trailing_bytes() -> None:
         parse(bad_json)
 
 
+@pytest.mark.fault(
+    "device state of more than 64 MiB",
+    direction="save",
+    vm="n/a (the stream parser)",
+    disk="n/a",
+    exit="StreamError",
+    message="'exceeds 64 MiB'",
+)
 def test_tail_cap() -> None:
     p = StreamParser()
     p.feed(StreamWriter().section_start(0, "timer", version_id=0, full=True).getvalue())

@@ -357,15 +357,31 @@ def test_byte_level_sinks_and_sources_keep_any_length(
     assert trio.run(read_back) == data
 
 
+def _not_a_stream(fault: str, message: str) -> pytest.MarkDecorator:
+    return pytest.mark.fault(
+        fault,
+        direction="save",
+        vm="n/a (stream from a pipe, no VM)",
+        disk="nothing new; an existing image kept byte for byte",
+        exit="1",
+        message=message,
+    )
+
+
+_EMPTY = _not_a_stream("empty input", "names the URI: 'incomplete migration stream'")
+_GARBAGE = _not_a_stream("3 MiB of random bytes", "names the URI: 'not a QEMU migration stream'")
+_CUT = _not_a_stream("stream cut mid-RAM", "names the URI: 'incomplete migration stream'")
+
+
 @pytest.mark.parametrize(
     ("scheme", "what", "existing"),
     [
-        ("file", "empty", False),
-        ("file", "garbage", True),
-        ("file", "truncated", False),
-        ("file", "truncated", True),
-        ("odirect", "truncated", True),
-        ("odirect", "garbage", False),
+        pytest.param("file", "empty", False, marks=_EMPTY),
+        pytest.param("file", "garbage", True, marks=_GARBAGE),
+        pytest.param("file", "truncated", False, marks=_CUT),
+        pytest.param("file", "truncated", True, marks=_CUT),
+        pytest.param("odirect", "truncated", True, marks=_CUT),
+        pytest.param("odirect", "garbage", False, marks=_GARBAGE),
     ],
 )
 def test_save_of_something_not_a_complete_stream_leaves_nothing(
@@ -442,13 +458,24 @@ def test_save_is_atomic(
     assert os.listdir(tmp_path) == ["vm.sav"]
 
 
+def _killed(sig: str) -> pytest.MarkDecorator:
+    return pytest.mark.fault(
+        f"helper {sig} mid-save",
+        direction="save",
+        vm="n/a (stream from a pipe, no VM)",
+        disk="nothing new; an existing image kept byte for byte",
+        exit="1",
+        message=f"'interrupted by {sig}'",
+    )
+
+
 @pytest.mark.parametrize(
     ("scheme", "existing", "sig"),
     [
-        ("file", False, signal.SIGTERM),
-        ("odirect", True, signal.SIGTERM),
-        ("file", True, signal.SIGINT),
-        ("odirect", False, signal.SIGHUP),
+        pytest.param("file", False, signal.SIGTERM, marks=_killed("SIGTERM")),
+        pytest.param("odirect", True, signal.SIGTERM, marks=_killed("SIGTERM")),
+        pytest.param("file", True, signal.SIGINT, marks=_killed("SIGINT")),
+        pytest.param("odirect", False, signal.SIGHUP, marks=_killed("SIGHUP")),
     ],
     ids=["file-new-TERM", "odirect-overwrite-TERM", "file-overwrite-INT", "odirect-new-HUP"],
 )
@@ -489,6 +516,14 @@ def has_tmpfile(directory: Path) -> bool:
 
 
 @pytest.mark.parametrize("scheme", ["file", "odirect"])
+@pytest.mark.fault(
+    "helper SIGKILL mid-save",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="the old image kept byte for byte; no temporary (O_TMPFILE)",
+    exit="killed by SIGKILL",
+    message="none (killed)",
+)
 def test_sigkilled_save_leaves_nothing_where_there_is_o_tmpfile(
     tmp_path: Path, payloads: dict[int, Path], scheme: str
 ) -> None:
@@ -519,7 +554,21 @@ def pipe_fill(fd: int) -> int:
     return buf[0]
 
 
-@pytest.mark.parametrize("command", ["restore", "save"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param("restore", marks=pytest.mark.fault(
+            "helper SIGTERM mid-restore while QEMU stops reading", direction="restore",
+            vm="n/a (a pipe nobody reads)", disk="n/a", exit="1",
+            message="'interrupted by SIGTERM'",
+        )),
+        pytest.param("save", marks=pytest.mark.fault(
+            "helper SIGTERM mid-save while the fd: consumer stops reading", direction="save",
+            vm="n/a (stream from a file, no VM)", disk="n/a", exit="1",
+            message="'interrupted by SIGTERM'",
+        )),
+    ],
+)  # fmt: skip
 def test_sigterm_is_heeded_when_the_consumer_stalls(
     tmp_path: Path, payloads: dict[int, Path], command: str
 ) -> None:
@@ -564,6 +613,14 @@ def test_sigterm_is_heeded_when_the_consumer_stalls(
     assert err.decode().splitlines() == ["vmtransport: error: interrupted by SIGTERM"]
 
 
+@pytest.mark.fault(
+    "helper SIGTERM mid-copy",
+    direction="copy",
+    vm="n/a",
+    disk="nothing in the target directory",
+    exit="1",
+    message="'interrupted by SIGTERM'",
+)
 def test_killed_copy_leaves_nothing(tmp_path: Path, payloads: dict[int, Path]) -> None:
     """The async path (copy) turns SIGTERM into cancellation and cleans up too."""
     image = tmp_path / "vm.sav"
@@ -594,6 +651,14 @@ def test_killed_copy_leaves_nothing(tmp_path: Path, payloads: dict[int, Path]) -
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.fault(
+    "target is a symlink to another file",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="the symlink replaced by the image; its target untouched",
+    exit="0",
+    message="none",
+)
 def test_symlink_is_replaced_not_followed(tmp_path: Path, small: bytes) -> None:
     victim = tmp_path / "victim"
     victim.write_bytes(b"must stay")
@@ -606,6 +671,14 @@ def test_symlink_is_replaced_not_followed(tmp_path: Path, small: bytes) -> None:
     assert victim.read_bytes() == b"must stay"
 
 
+@pytest.mark.fault(
+    "target is a dangling symlink",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="the symlink replaced; nothing created where it pointed",
+    exit="0",
+    message="none",
+)
 def test_dangling_symlink_is_replaced(tmp_path: Path, small: bytes) -> None:
     link = tmp_path / "vm.sav"
     link.symlink_to(tmp_path / "nowhere")
@@ -661,6 +734,14 @@ def test_offset_into_a_missing_or_short_file_pads_with_zeros(
 
 
 @pytest.mark.parametrize("scheme", ["file", "odirect"])
+@pytest.mark.fault(
+    "target directory missing",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="nothing created",
+    exit="1",
+    message="names the URI: 'does not exist'",
+)
 def test_save_into_missing_directory(tmp_path: Path, small: bytes, scheme: str) -> None:
     uri = f"{scheme}:{tmp_path}/no/such/dir/vm.sav"
     r = vmt("save", uri, input=small)
@@ -671,6 +752,14 @@ def test_save_into_missing_directory(tmp_path: Path, small: bytes, scheme: str) 
     assert not (tmp_path / "no").exists()
 
 
+@pytest.mark.fault(
+    "target is a directory",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="not checked",
+    exit="1",
+    message="'is a directory'",
+)
 def test_save_onto_a_directory(tmp_path: Path, small: bytes) -> None:
     r = vmt("save", f"file:{tmp_path}", input=small)
     assert r.returncode == 1
@@ -678,6 +767,14 @@ def test_save_onto_a_directory(tmp_path: Path, small: bytes) -> None:
 
 
 @pytest.mark.parametrize("scheme", ["file", "odirect"])
+@pytest.mark.fault(
+    "image missing",
+    direction="restore",
+    vm="QEMU gets the refusal marker, not a stream",
+    disk="n/a",
+    exit="1",
+    message="names the URI: 'No such file or directory'",
+)
 def test_restore_missing_file(tmp_path: Path, scheme: str) -> None:
     uri = f"{scheme}:{tmp_path}/absent.sav"
     r = vmt("restore", uri)
@@ -823,7 +920,17 @@ def test_odirect_writes_in_flight_return_once_the_previous_is_done(
     )
 
 
-@pytest.mark.parametrize("via", ["save", "copy"])
+@pytest.mark.parametrize(
+    "via",
+    [
+        pytest.param(via, marks=pytest.mark.fault(
+            "O_DIRECT refused (ramfs): buffered fallback", direction=via,
+            vm="n/a (stream from a file, no VM)", disk="the image, 0600, nothing else", exit="0",
+            message="one WARNING line naming the URI and O_DIRECT (restore: one line too)",
+        ))
+        for via in ("save", "copy")
+    ],
+)  # fmt: skip
 @root_only
 def test_odirect_fallback_on_ramfs(
     mounter: Callable[..., Path], payloads: dict[int, Path], via: str
@@ -854,6 +961,14 @@ def test_odirect_fallback_on_ramfs(
 
 
 @root_only
+@pytest.mark.fault(
+    "O_DIRECT refused (ramfs), at an offset",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="prefix kept, stream written after it",
+    exit="0",
+    message="none checked",
+)
 def test_odirect_fallback_offset_on_ramfs(mounter: Callable[..., Path], small: bytes) -> None:
     mnt = mounter("ramfs")
     image = mnt / "vm.sav"
@@ -868,6 +983,22 @@ def test_odirect_fallback_offset_on_ramfs(mounter: Callable[..., Path], small: b
 
 
 @root_only
+@pytest.mark.fault(
+    "O_DIRECT refused (ramfs), fallback=error",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="nothing on the mount",
+    exit="1",
+    message="names the URI: 'refuses O_DIRECT', 'fallback=error'",
+)
+@pytest.mark.fault(
+    "O_DIRECT refused (ramfs), fallback=error",
+    direction="restore",
+    vm="QEMU gets the refusal marker, not a stream",
+    disk="n/a",
+    exit="1",
+    message="'refuses O_DIRECT'",
+)
 def test_odirect_fallback_error_on_ramfs(mounter: Callable[..., Path], small: bytes) -> None:
     mnt = mounter("ramfs")
     uri = f"odirect:{mnt}/vm.sav,fallback=error"
@@ -907,7 +1038,17 @@ def test_odirect_on_tmpfs_needs_no_fallback(
     assert hashlib.sha256(r.stdout).hexdigest() == sha(src)
 
 
-@pytest.mark.parametrize("via", ["save", "copy"])
+@pytest.mark.parametrize(
+    "via",
+    [
+        pytest.param(via, marks=pytest.mark.fault(
+            "disk full mid-payload (tmpfs of 8 MiB, 50 MiB stream)", direction=via,
+            vm="n/a (stream from a file, no VM)", disk="nothing on the mount", exit="1",
+            message="names the URI: 'No space left on device'",
+        ))
+        for via in ("save", "copy")
+    ],
+)  # fmt: skip
 @pytest.mark.parametrize("scheme", ["file", "odirect"])
 @root_only
 def test_disk_full(
@@ -929,6 +1070,14 @@ def test_disk_full(
 
 
 @root_only
+@pytest.mark.fault(
+    "disk full mid-payload, over an existing image (odirect:, tmpfs 8 MiB)",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="the old image kept byte for byte; nothing else",
+    exit="1",
+    message="'No space left on device'",
+)
 def test_disk_full_keeps_the_old_image(
     mounter: Callable[..., Path], payloads: dict[int, Path]
 ) -> None:
@@ -1182,6 +1331,14 @@ def test_fd_name_save_and_restore(tmp_path: Path, listen_pid: str) -> None:
     assert r.stdout == data
 
 
+@pytest.mark.fault(
+    "fd:NAME with LISTEN_PID of another process",
+    direction="cli",
+    vm="n/a",
+    disk="nothing written to the descriptor",
+    exit="1",
+    message="'LISTEN_PID=1 is not this process'",
+)
 def test_fd_name_wrong_listen_pid_is_refused(tmp_path: Path) -> None:
     o = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
@@ -1195,6 +1352,14 @@ def test_fd_name_wrong_listen_pid_is_refused(tmp_path: Path) -> None:
     assert (tmp_path / "out").read_bytes() == b""
 
 
+@pytest.mark.fault(
+    "fd:NAME not passed",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="1",
+    message="'no descriptor named ...' with the names passed",
+)
 def test_fd_name_unknown_lists_passed_names(tmp_path: Path) -> None:
     a = os.open(tmp_path / "a", os.O_RDONLY | os.O_CREAT, 0o600)
     b = os.open(tmp_path / "b", os.O_RDONLY | os.O_CREAT, 0o600)
@@ -1214,6 +1379,14 @@ def test_fd_name_unknown_lists_passed_names(tmp_path: Path) -> None:
     assert "(LISTEN_FDNAMES: alpha)" in error_line(r2)
 
 
+@pytest.mark.fault(
+    "fd:NAME without LISTEN_FDS",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="1",
+    message="'(LISTEN_FDNAMES: none)'",
+)
 def test_fd_name_without_listen_fds(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
     r = vmt("restore", "fd:state", env=env)
@@ -1222,6 +1395,14 @@ def test_fd_name_without_listen_fds(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("command", ["save", "restore"])
+@pytest.mark.fault(
+    "fd:N not open",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="1",
+    message="'descriptor 87 is not open'",
+)
 def test_fd_not_open(command: str) -> None:
     r = vmt(command, "fd:87", input=b"abc")
     assert r.returncode == 1
@@ -1265,6 +1446,14 @@ def test_exec_keeps_commas(tmp_path: Path, small: bytes) -> None:
     assert r.stdout == small
 
 
+@pytest.mark.fault(
+    "exec: command fails after taking the stream",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="n/a",
+    exit="1",
+    message="'exited with status 3' and the last 5 lines of its stderr",
+)
 def test_exec_failure_quotes_the_stderr_tail(small: bytes) -> None:
     cmd = "cat > /dev/null; for i in 1 2 3 4 5 6 7; do echo line$i >&2; done; exit 3"
     r = vmt("save", f"exec:{cmd}", input=small)
@@ -1278,6 +1467,14 @@ def test_exec_failure_quotes_the_stderr_tail(small: bytes) -> None:
     assert r.stderr.decode().splitlines()[:7] == [f"line{i}" for i in range(1, 8)]
 
 
+@pytest.mark.fault(
+    "exec: command killed by a signal",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="n/a",
+    exit="1",
+    message="'killed by signal 9'",
+)
 def test_exec_killed_by_a_signal(small: bytes) -> None:
     r = vmt("save", "exec:cat > /dev/null; kill -9 $$", input=small)
     assert r.returncode == 1
@@ -1285,6 +1482,14 @@ def test_exec_killed_by_a_signal(small: bytes) -> None:
 
 
 @pytest.mark.parametrize("cmd", ["exit 0", "head -c 10 > /dev/null", "exit 5"])
+@pytest.mark.fault(
+    "exec: command stops reading early (exits 0 or 5)",
+    direction="save",
+    vm="n/a (stream from a pipe, no VM)",
+    disk="n/a",
+    exit="1 within 20 s",
+    message="'before taking the whole stream', its exit status",
+)
 def test_exec_command_that_stops_reading_early(payloads: dict[int, Path], cmd: str) -> None:
     start = time.monotonic()
     with open(payloads[SIZES[1]], "rb") as f:
@@ -1297,6 +1502,14 @@ def test_exec_command_that_stops_reading_early(payloads: dict[int, Path], cmd: s
     assert f"exited with status {5 if cmd == 'exit 5' else 0}" in line
 
 
+@pytest.mark.fault(
+    "exec: source command fails",
+    direction="restore",
+    vm="not checked",
+    disk="n/a",
+    exit="1",
+    message="'exited with status 4' and its stderr",
+)
 def test_exec_restore_from_a_failing_command(tmp_path: Path, small: bytes) -> None:
     (tmp_path / "s").write_bytes(small)
     r = vmt("restore", f"exec:cat {tmp_path}/s; echo oops >&2; exit 4")
@@ -1306,6 +1519,14 @@ def test_exec_restore_from_a_failing_command(tmp_path: Path, small: bytes) -> No
     assert "oops" in line
 
 
+@pytest.mark.fault(
+    "exec: source gives something that is not a stream",
+    direction="restore",
+    vm="QEMU gets the refusal marker, not a stream",
+    disk="n/a",
+    exit="1",
+    message="'neither a QEMU migration stream'",
+)
 def test_exec_restore_of_something_else() -> None:
     r = vmt("restore", "exec:echo partial")
     assert r.returncode == 1
@@ -1313,6 +1534,14 @@ def test_exec_restore_of_something_else() -> None:
     assert r.stdout == REFUSED
 
 
+@pytest.mark.fault(
+    "exec: source fails after a whole valid stream",
+    direction="copy",
+    vm="n/a",
+    disk="nothing in the target directory",
+    exit="1",
+    message="'exited with status 4'",
+)
 def test_exec_copy_from_a_failing_command_leaves_no_file(
     tmp_path: Path, payloads: dict[int, Path]
 ) -> None:
@@ -1324,6 +1553,14 @@ def test_exec_copy_from_a_failing_command_leaves_no_file(
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.fault(
+    "exec: target command fails",
+    direction="copy",
+    vm="n/a",
+    disk="n/a",
+    exit="1",
+    message="'exited with status 2'",
+)
 def test_exec_copy_into_a_failing_command(tmp_path: Path, payloads: dict[int, Path]) -> None:
     r = vmt("copy", f"file:{payloads[SIZES[1]]}", "exec:head -c 1 >/dev/null; exit 2")
     assert r.returncode == 1

@@ -159,6 +159,14 @@ def test_constructed_uri_copies_its_options() -> None:
         ),
     ],
 )
+@pytest.mark.fault(
+    "malformed URI text",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="URIError",
+    message="quotes the text and the reason",
+)
 def test_parse_errors_quote_the_text(text: str, expected: str) -> None:
     with pytest.raises(URIError) as info:
         parse_uri(text)
@@ -217,6 +225,14 @@ def test_resolve_rejects_a_text_that_is_no_uri(registry: Registry) -> None:
         ("fd:3,offset=0", FdTransport, "offset"),
     ],
 )
+@pytest.mark.fault(
+    "unknown URI option",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="URIError",
+    message="names it and lists the known ones",
+)
 def test_unknown_option_names_it_and_lists_known(
     registry: Registry, text: str, transport: type[Transport], option: str
 ) -> None:
@@ -237,6 +253,14 @@ def test_options_are_documented() -> None:
 
 @pytest.mark.parametrize("value", ["-1", "abc", "", "1.5", "4k", "-0x10"])
 @pytest.mark.parametrize("scheme", ["file", "odirect"])
+@pytest.mark.fault(
+    "offset= not a non-negative integer",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="URIError",
+    message="names the option and the URI",
+)
 def test_bad_offset_values(registry: Registry, scheme: str, value: str) -> None:
     text = f"{scheme}:/x,offset={value}"
     with pytest.raises(URIError) as info:
@@ -255,6 +279,14 @@ def test_file_offset_values(registry: Registry, value: str, offset: int) -> None
 
 
 @pytest.mark.parametrize("value", ["1", "512", "1000", "4095", "6144"])
+@pytest.mark.fault(
+    "odirect: offset= not a multiple of 4096",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="URIError",
+    message="'must be a multiple of 4096'",
+)
 def test_odirect_offset_must_be_a_multiple_of_4096(registry: Registry, value: str) -> None:
     with pytest.raises(URIError) as info:
         registry.resolve(f"odirect:/x,offset={value}")
@@ -285,6 +317,14 @@ def test_odirect_fallback_choice(registry: Registry) -> None:
 
 
 @pytest.mark.parametrize("target", ["-1", "3x", "a/b", "3 ", "na:me"])
+@pytest.mark.fault(
+    "fd: target neither a number nor a name",
+    direction="cli",
+    vm="n/a",
+    disk="n/a",
+    exit="URIError",
+    message="names the URI",
+)
 def test_fd_target_must_be_a_number_or_a_name(registry: Registry, target: str) -> None:
     with pytest.raises(URIError, match="expected a number or a name"):
         registry.resolve(f"fd:{target}")
