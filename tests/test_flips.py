@@ -71,8 +71,6 @@ STRUCTURE = re.compile(
     r"malformed|section|offset|RAM|footer|EOF|VM description|migration stream|stream ended"
     r"|after the end of QEMU's stream"
 )
-#: the whole test's budget per QEMU version, with two destinations at a time
-BUDGET = 120.0
 HELPER_EXIT_TIMEOUT = 60.0
 
 
@@ -256,9 +254,7 @@ def test_flipped_structural_byte_never_runs(saved: Saved, tmp_path: Path) -> Non
                  "eos-flags", "dev0-", "-footer", "-state", "eof^0x01", "vmdesc-type=EOF",
                  "vmdesc-json", "last-byte", "header/crc"):  # fmt: skip
         assert must in names, must
-    started = time.monotonic()
     failures = run_cases(saved, tmp_path, cases)
-    took = time.monotonic() - started
     if failures:
         ran = sum("load did not fail" in f for f in failures)
         pipe = sum("broken pipe" in f.split("\n")[0] for f in failures)
@@ -268,7 +264,6 @@ def test_flipped_structural_byte_never_runs(saved: Saved, tmp_path: Path) -> Non
             + "\n".join(failures),
             pytrace=False,
         )
-    assert took < BUDGET, f"{len(cases)} restores took {took:.0f}s"
 
 
 @pytest.mark.parametrize("name", ["qemu7.2-pc", "qemu10.0-pc", "qemu7.2-q35", "qemu10.0-q35"])

@@ -380,13 +380,29 @@ def _flip(at: int, mask: int) -> Callable[[bytes], bytes]:
 
 LAX: dict[str, Callable[[bytes], bytes]] = {
     LAX_RAM_NAME: _flip(_RAM[0].offset + 6, 0x01),  # "ram" -> "sam": another section
-    LAX_COMMAND: _flip(_L.commands[0] + 2, 0x02),  # SWITCHOVER_START -> POSTCOPY_RESUME
+    LAX_COMMAND: _flip(_L.commands[0] + 2, 0x08),  # SWITCHOVER_START -> POSTCOPY_ADVISE
     LAX_RAM_END: _flip(_RAM[-1].offset, 0x01),  # END -> PART
     LAX_WORD: _flip(_RAM[1].footer - 2, 0x10),  # EOS -> EOS | offset 0x1000
     LAX_MACHINE: lambda data: (
         data[:8] + StreamWriter(header=False).configuration("").getvalue() + data[_RAM[0].offset :]
     ),
 }
+
+
+@pytest.mark.parametrize("mask", [0x01, 0x02])  # -> RECV_BITMAP, POSTCOPY_RESUME
+@pytest.mark.fault(
+    "stream: a command only a return path carries (postcopy recovery, COLO)",
+    direction="restore",
+    vm="QEMU is not given the command: it would refuse it first",
+    disk="n/a",
+    exit="refused (StreamError)",
+    message="'... is only sent over a return path ...'",
+)
+def test_parser_refuses_return_path_commands(mask: int) -> None:
+    """A bit flip turns QEMU 10.0's SWITCHOVER_START into a recovery command that QEMU
+    refuses on load: the parser refuses it first, so the restore names the cause."""
+    with pytest.raises(StreamError, match="only sent over a return path"):
+        parse(flipped(STREAMS["synthetic"], _L.commands[0] + 2, mask), 4096)
 
 
 @pytest.mark.parametrize("rule", LAX_SPOTS)

@@ -33,6 +33,7 @@ from ._wire import (
     CMD_POSTCOPY_ADVISE,
     COMMANDS,
     JOIN,
+    RETURN_PATH_ONLY,
     MAGIC,
     MAX_MACHINE_NAME,
     MAX_TAIL,
@@ -393,6 +394,13 @@ class StreamParser(RAMParser, DeviceParser):
         if spec is None:
             raise StreamError(f"unknown QEMU_VM_COMMAND {cmd} at offset {base + pos}")
         name, fixed = spec
+        if cmd in RETURN_PATH_ONLY:
+            # Postcopy recovery and COLO talk both ways: never in a stream that was
+            # saved. QEMU would refuse most of them on load before the parser did.
+            raise StreamError(
+                f"command {name} at offset {base + pos} is only sent over a return path "
+                "(postcopy recovery, COLO), never in a saved stream"
+            )
         if fixed >= 0 and ln != fixed:
             raise StreamError(f"command {name} with length {ln}, expected {fixed}")
         if end - pos < 5 + ln:

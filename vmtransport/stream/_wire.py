@@ -62,6 +62,8 @@ COMMANDS: Final[dict[int, tuple[str, int]]] = {
     10: ("RECV_BITMAP", -1),
     11: ("SWITCHOVER_START", 0),
 }
+#: ENABLE_COLO, POSTCOPY_RESUME, RECV_BITMAP: only on a live two-way migration
+RETURN_PATH_ONLY: Final = frozenset({8, 9, 10})
 CMD_POSTCOPY_ADVISE: Final = 3
 CMD_PACKAGED: Final = 7
 
