@@ -2,7 +2,7 @@
 
 The public API, most important first. Everything else lives in private modules, which
 load on first use (PEP 562): the ``vmtransport`` command starts reading a save's stream
-before it imports them (see ``_main``).
+before it imports them (see ``_main``). ``vmtransport.qmp`` is the QMP client.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ if TYPE_CHECKING:
         CommandError,
         Interrupted,
         PluginError,
+        QMPConnectionError,
+        QMPError,
         StreamError,
         TransportError,
         URIError,
@@ -69,6 +71,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "CommandError": ("._errors", "CommandError"),
     "Interrupted": ("._errors", "Interrupted"),
     "PluginError": ("._errors", "PluginError"),
+    "QMPConnectionError": ("._errors", "QMPConnectionError"),
+    "QMPError": ("._errors", "QMPError"),
     "StreamError": ("._errors", "StreamError"),
     "TransportError": ("._errors", "TransportError"),
     "URIError": ("._errors", "URIError"),
@@ -105,6 +109,8 @@ __all__ = [
     "PluginError",
     "Progress",
     "PumpStats",
+    "QMPConnectionError",
+    "QMPError",
     "Registry",
     "RestorePipeline",
     "SavePipeline",

@@ -7,6 +7,9 @@
      +-- TransportError              I/O failed while opening, moving or committing; exit 1
      |    +-- CommandError           an exec: command exited non-zero
      +-- StreamError                 the bytes are not (a complete) QEMU stream or image
+     +-- QMPError                    QEMU answered a QMP command with an error
+     +-- QMPConnectionError          the QMP monitor is not there, closed, stalled or spoke
+                                     something that is not QMP
      +-- Interrupted                 a signal stopped the work
 
 Every message names the input it is about and the reason, on one line.
@@ -47,6 +50,22 @@ class CommandError(TransportError):
 
 class StreamError(VMTransportError):
     """Data that is not a QEMU migration stream, or one that ended early."""
+
+
+class QMPError(VMTransportError):
+    """QEMU refused a QMP command: carries QEMU's error ``class`` and ``desc``."""
+
+    def __init__(self, monitor: str, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"QMP monitor {monitor}: {command} failed: {error_class}: {desc}")
+        self.monitor = monitor
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
+class QMPConnectionError(VMTransportError):
+    """The QMP monitor cannot be used: no such socket, nothing listening, no greeting, the
+    connection closed, a command without a reply in time, or bytes that are not QMP."""
 
 
 class Interrupted(VMTransportError):
