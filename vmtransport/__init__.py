@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from ._errors import (
         CommandError,
         Interrupted,
+        MigrationError,
         PluginError,
         QMPConnectionError,
         QMPError,
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from ._hookspecs import hookimpl
     from ._inspect import describe as inspect_image
     from ._inspect import verify as verify_image
+    from ._orchestration import SaveResult, VMFacts, save_vm
     from ._pipeline import (
         STATES,
         Pipeline,
@@ -70,6 +72,10 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "SavePipeline": ("._usecases", "SavePipeline"),
     "CommandError": ("._errors", "CommandError"),
     "Interrupted": ("._errors", "Interrupted"),
+    "MigrationError": ("._errors", "MigrationError"),
+    "SaveResult": ("._orchestration", "SaveResult"),
+    "VMFacts": ("._orchestration", "VMFacts"),
+    "save_vm": ("._orchestration", "save_vm"),
     "PluginError": ("._errors", "PluginError"),
     "QMPConnectionError": ("._errors", "QMPConnectionError"),
     "QMPError": ("._errors", "QMPError"),
@@ -105,6 +111,7 @@ __all__ = [
     "URI",
     "CommandError",
     "Interrupted",
+    "MigrationError",
     "Pipeline",
     "PluginError",
     "Progress",
@@ -114,6 +121,7 @@ __all__ = [
     "Registry",
     "RestorePipeline",
     "SavePipeline",
+    "SaveResult",
     "SeekableSink",
     "Sink",
     "Source",
@@ -125,6 +133,7 @@ __all__ = [
     "TransportInfo",
     "URIError",
     "UsageError",
+    "VMFacts",
     "VMTransportError",
     "__version__",
     "copy",
@@ -143,6 +152,7 @@ __all__ = [
     "save",
     "save_fd",
     "save_pipeline",
+    "save_vm",
     "verify_image",
 ]
 

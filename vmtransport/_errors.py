@@ -9,7 +9,8 @@
      +-- StreamError                 the bytes are not (a complete) QEMU stream or image
      +-- QMPError                    QEMU answered a QMP command with an error
      +-- QMPConnectionError          the QMP monitor is not there, closed, stalled or spoke
-                                     something that is not QMP
+     |                               something that is not QMP
+     +-- MigrationError              QEMU's migration failed or was cancelled
      +-- Interrupted                 a signal stopped the work
 
 Every message names the input it is about and the reason, on one line.
@@ -66,6 +67,10 @@ class QMPError(VMTransportError):
 class QMPConnectionError(VMTransportError):
     """The QMP monitor cannot be used: no such socket, nothing listening, no greeting, the
     connection closed, a command without a reply in time, or bytes that are not QMP."""
+
+
+class MigrationError(VMTransportError):
+    """QEMU reported its migration failed or cancelled (its ``error-desc`` says why)."""
 
 
 class Interrupted(VMTransportError):
