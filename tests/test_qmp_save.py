@@ -66,6 +66,18 @@ def customise(vm: VM) -> tuple[dict[str, bool], int]:
     return settings
 
 
+def wait_active(vm: VM, proc: subprocess.Popen[str]) -> None:
+    """Wait until the save's migration runs; fail with its stderr if it ended first."""
+    deadline = time.monotonic() + 30
+    while vm.query_migrate().get("status") != "active":
+        if proc.poll() is not None or time.monotonic() > deadline:
+            assert proc.stderr is not None
+            pytest.fail(
+                f"the save did not get going: {proc.stderr.read()!r} ({vm.query_migrate()})"
+            )
+        time.sleep(0.02)
+
+
 def save_cli(sock: str, uri: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(VMT), "save", "--qmp", sock, uri, *args],
@@ -218,20 +230,16 @@ def test_migrate_cancel_from_elsewhere(qemu: str, tmp_path: Path) -> None:
     uri = f"exec:sleep 2; cat > {image}"
     with source_vm(qemu, tmp_path, paused=False) as (vm, sock):
         before = customise(vm)
-        proc = subprocess.Popen(
-            [str(VMT), "save", "--qmp", sock, uri],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        deadline = time.monotonic() + 30
-        while vm.query_migrate().get("status") != "active":
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.02)
-        vm.cmd("migrate_cancel")
-        _, err = proc.communicate(timeout=TIMEOUT)
+        with subprocess.Popen(
+            [str(VMT), "save", "--qmp", sock, uri], stderr=subprocess.PIPE, text=True
+        ) as proc:
+            wait_active(vm, proc)
+            vm.cmd("migrate_cancel")
+            _, err = proc.communicate(timeout=TIMEOUT)
         assert proc.returncode == 1
         assert err == (
-            f"vmtransport: error: QMP monitor {sock}: QEMU's migration cancelled: cancelled\n"
+            f"vmtransport: error: QMP monitor {sock}: QEMU's migration cancelled: cancelled "
+            "(the VM is running, its migration settings as they were)\n"
         )
         assert vm.status() == "running"
         assert migration_settings(vm) == before
@@ -245,14 +253,45 @@ def test_migrate_cancel_from_elsewhere(qemu: str, tmp_path: Path) -> None:
     exit=1,
     message="the command's error",
 )
-def test_failing_target_rolls_back(qemu: str, tmp_path: Path) -> None:
-    with source_vm(qemu, tmp_path, paused=False) as (vm, sock):
+@pytest.mark.parametrize("paused", [False, True], ids=["running", "paused"])
+def test_failing_target_rolls_back(qemu: str, tmp_path: Path, paused: bool) -> None:
+    with source_vm(qemu, tmp_path, paused=paused) as (vm, sock):
         before = customise(vm)
+        state = vm.status()
         result = save_cli(sock, "exec:head -c 1000000 >/dev/null; echo disk on fire >&2; exit 3")
         assert result.returncode == 1
         lines = result.stderr.splitlines()
         assert lines[0] == "disk on fire"
-        assert lines[-1].startswith("vmtransport: error: ") and "exit" in lines[-1]
-        assert vm.status() == "running"
+        assert lines[-1].startswith("vmtransport: error: exec:head -c 1000000 >/dev/null; ")
+        assert "exited with status 3" in lines[-1]
+        assert lines[-1].endswith(f" (the VM is {state}, its migration settings as they were)")
+        assert vm.status() == state
         assert migration_settings(vm) == before
         assert vm.query_migrate()["status"] in {"cancelled", "failed"}
+
+
+@pytest.mark.fault(
+    "QEMU killed mid-save",
+    direction="save --qmp",
+    vm="gone",
+    disk="no image",
+    exit=1,
+    message="the monitor closed, or the stream ended early",
+)
+def test_qemu_killed_mid_save(qemu: str, tmp_path: Path) -> None:
+    image = tmp_path / "x.img"
+    with source_vm(qemu, tmp_path, paused=False) as (vm, sock):
+        with subprocess.Popen(
+            [str(VMT), "save", "--qmp", sock, f"exec:sleep 2; cat > {tmp_path / 'x.cat'}"],
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as proc:
+            wait_active(vm, proc)
+            vm.kill()
+            start = time.monotonic()
+            _, err = proc.communicate(timeout=TIMEOUT)
+            assert time.monotonic() - start < 10
+    assert proc.returncode == 1
+    assert err.startswith("vmtransport: error: ") and err.count("\n") == 1, err
+    assert err.endswith(" (the VM's state is unknown)\n"), err
+    assert not image.exists()

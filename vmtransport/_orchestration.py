@@ -25,7 +25,7 @@ import trio
 
 from . import _log
 from ._buffers import BlockingReader, fd_reader
-from ._errors import MigrationError, QMPConnectionError, QMPError, UsageError
+from ._errors import MigrationError, QMPConnectionError, QMPError, UsageError, VMTransportError
 from ._pipeline import PumpStats
 from ._registry import Registry
 from ._usecases import SavePipeline, save_pipeline
@@ -258,6 +258,7 @@ class _Session:
         self.stopped = False  # we stopped the VM
         self.stats: PumpStats | None = None
         self.pump_error: BaseException | None = None
+        self.rolled_back = ""  # where the rollback left the VM, for the error message
 
     def _close_w(self) -> None:
         if self.w is not None:
@@ -266,9 +267,15 @@ class _Session:
 
     async def run(self, facts: VMFacts, after: After, uri: str) -> SaveResult:
         try:
-            info = await self._migrate(facts)
-            if self.pump_error is not None:
-                raise self.pump_error
+            try:
+                info = await self._migrate(facts)
+                if self.pump_error is not None:
+                    raise self.pump_error
+            except VMTransportError as exc:
+                if self.rolled_back and len(exc.args) == 1:
+                    # One line says what failed and where that left the VM.
+                    exc.args = (f"{exc.args[0]} ({self.rolled_back})",)
+                raise
             assert self.stats is not None
             client = self.client
             runstate = await _wait_settled(client)
@@ -373,9 +380,11 @@ class _Session:
             await trio.sleep(0.01)
 
     async def _rollback(self) -> None:
-        """Undo what this save did to the VM, best effort and bounded; never raises."""
+        """Undo what this save did to the VM, best effort and bounded; never raises.
+        Sets :attr:`rolled_back` to the VM's state afterwards."""
         client = self.client
         steps: list[str] = []
+        outcome = ""
         with trio.move_on_after(ROLLBACK_TIMEOUT) as scope:
             try:
                 if self.migrating:
@@ -384,14 +393,23 @@ class _Session:
                 elif self.handed:
                     await client.closefd(self.fdname)
                 await self.settings.restore()
+                steps.append("settings put back")
                 if self.stopped:
                     await client.execute("cont")
                     steps.append("VM resumed")
-            except (QMPError, QMPConnectionError) as exc:
+                status = (await client.execute("query-status"))["status"]
+                outcome = f"the VM is {status}, its migration settings as they were"
+            except QMPConnectionError as exc:  # QEMU is gone, or its monitor is
                 steps.append(f"rollback stopped: {exc}")
+                outcome = "the VM's state is unknown"
+            except QMPError as exc:
+                steps.append(f"rollback stopped: {exc}")
+                outcome = f"the VM's state is unknown: {exc}"
         if scope.cancelled_caught:
             steps.append(f"rollback gave up after {ROLLBACK_TIMEOUT:g} s")
-        _log.logger().debug("save rolled back: %s", "; ".join(steps) or "nothing to undo")
+            outcome = f"the VM's state is unknown: no rollback within {ROLLBACK_TIMEOUT:g} s"
+        self.rolled_back = outcome
+        _log.logger().debug("save rolled back: %s", "; ".join(steps))
 
     async def _cancel_migration(self) -> str:
         """migrate_cancel, draining the pipe meanwhile; QEMU's final status."""

@@ -139,7 +139,7 @@ class QMPClient:
         self._protocol = Protocol(max_line)
         self._replies: dict[int, Reply] = {}
         self._listeners: set[EventListener] = set()
-        self._error: QMPConnectionError | None = None
+        self._error: str | None = None  # why the connection is unusable
         self._closed = False
         self._reading = False
         self._progress = trio.Event()  # set (and replaced) after each read
@@ -241,7 +241,7 @@ class QMPClient:
             return
         self._closed = True
         if self._error is None:
-            self._error = QMPConnectionError(f"QMP monitor {self.monitor}: connection closed")
+            self._error = "connection closed"
         for listener in list(self._listeners):
             listener.closed = True
         self._sock.close()  # wakes a task in recv with ClosedResourceError
@@ -262,14 +262,19 @@ class QMPClient:
     # -- session machinery
     def _check_usable(self) -> None:
         if self._error is not None:
-            raise self._error
+            raise self._broken()
+
+    def _broken(self) -> QMPConnectionError:
+        # A new exception for every waiter: one instance raised in several tasks would
+        # pile up their tracebacks.
+        return QMPConnectionError(f"QMP monitor {self.monitor}: {self._error}")
 
     def _fail(self, reason: str) -> QMPConnectionError:
-        """Break the connection for good: every waiter raises the returned error."""
+        """Break the connection for good: every waiter raises the first reason."""
         if self._error is None:
-            self._error = QMPConnectionError(f"QMP monitor {self.monitor}: {reason}")
+            self._error = reason
             self._wake()
-        return self._error
+        return self._broken()
 
     def _wake(self) -> None:
         progress, self._progress = self._progress, trio.Event()
@@ -318,7 +323,7 @@ class QMPClient:
             if self._error is not None:
                 if for_event and self._closed:
                     return  # the caller's done() turns a closed client into an end
-                raise self._error
+                raise self._broken()
             if self._reading:
                 await self._progress.wait()
                 continue
