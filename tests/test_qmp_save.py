@@ -7,6 +7,7 @@ parameters end as promised; a failed save leaves the VM as it was and no image.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -295,3 +296,70 @@ def test_qemu_killed_mid_save(qemu: str, tmp_path: Path) -> None:
     assert err.startswith("vmtransport: error: ") and err.count("\n") == 1, err
     assert err.endswith(" (the VM's state is unknown)\n"), err
     assert not image.exists()
+
+
+@pytest.mark.fault(
+    "a signal mid-save",
+    direction="save --qmp",
+    vm="resumed, settings put back",
+    disk="no image",
+    exit="128 + the signal",
+    message="interrupted by SIG... (the VM is running, ...)",
+)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=str)
+def test_signal_mid_save_rolls_back(qemu: str, tmp_path: Path, sig: signal.Signals) -> None:
+    image = tmp_path / "x.img"
+    with source_vm(qemu, tmp_path, paused=False) as (vm, sock):
+        before = customise(vm)
+        # odirect: behind a slow first write would need a slow disk: an exec: target
+        # that holds the stream up keeps the migration active long enough.
+        uri = f"exec:sleep 3; cat > {image}"
+        with subprocess.Popen(
+            [str(VMT), "save", "--qmp", sock, uri], stderr=subprocess.PIPE, text=True
+        ) as proc:
+            wait_active(vm, proc)
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 128 + sig
+        assert err == (
+            f"vmtransport: error: interrupted by {sig.name} "
+            "(the VM is running, its migration settings as they were)\n"
+        )
+        assert vm.status() == "running"
+        assert vm.query_migrate()["status"] == "cancelled"
+        assert migration_settings(vm) == before
+
+
+def test_sigkill_leaves_what_the_docs_say(qemu: str, tmp_path: Path) -> None:
+    # docs/qmp.md: no rollback; QEMU's migration fails on the broken pipe, the VM stays
+    # stopped, the save's settings stay.
+    with source_vm(qemu, tmp_path, paused=False) as (vm, sock):
+        customise(vm)
+        with subprocess.Popen(
+            [str(VMT), "save", "--qmp", sock, "exec:sleep 3; cat > /dev/null"],
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as proc:
+            wait_active(vm, proc)
+            proc.kill()
+            proc.communicate(timeout=TIMEOUT)
+        deadline = time.monotonic() + 30
+        while vm.query_migrate()["status"] not in {"failed", "completed"}:
+            assert time.monotonic() < deadline, vm.query_migrate()
+            time.sleep(0.05)
+        assert vm.query_migrate()["status"] == "failed"
+        assert vm.status() == "paused"
+        caps, bandwidth = migration_settings(vm)
+        assert not caps["xbzrle"] and caps["events"] and bandwidth > 12345678
+
+
+def test_migration_already_running_is_refused(qemu: str, tmp_path: Path) -> None:
+    with source_vm(qemu, tmp_path, paused=False) as (vm, sock):
+        vm.migrate("exec:sleep 5; cat > /dev/null")
+        result = save_cli(sock, f"file:{tmp_path / 'x.img'}")
+        assert result.returncode == 2
+        assert result.stderr == (
+            f"vmtransport: error: QMP monitor {sock}: a migration is already active\n"
+        )
+        vm.cmd("migrate_cancel")
+    assert not (tmp_path / "x.img").exists()

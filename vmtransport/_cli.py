@@ -123,12 +123,28 @@ def _stdin_reader(args: argparse.Namespace) -> BlockingReader | None:
 
 def _save_vm(args: argparse.Namespace, verbose: bool) -> int:
     """``save --qmp``: the API's save_vm, under trio (signals cancel it: rolled back)."""
+    from ._errors import Interrupted
     from ._orchestration import save_vm
     from ._pipeline import run_trio
 
-    result = run_trio(
-        lambda: save_vm(args.qmp, args.uri, after=args.after or "pause", name=args.name)
-    )
+    rolled_back: list[str] = []
+    try:
+        result = run_trio(
+            lambda: save_vm(
+                args.qmp,
+                args.uri,
+                after=args.after or "pause",
+                name=args.name,
+                report=rolled_back.append,
+            )
+        )
+    except Interrupted as exc:
+        if not rolled_back or exc.signum is None:
+            raise
+        # The signal's own line, and where the rollback left the VM; 128 + the signal,
+        # as a shell reports a process the signal killed.
+        print(f"vmtransport: error: {exc} ({rolled_back[-1]})", file=sys.stderr)
+        return 128 + exc.signum
     if verbose:
         _log.logger().info(
             "saved %s to %s: %d bytes in %.2f s (%.0f MiB/s); VM %s",

@@ -76,6 +76,8 @@ class MigrationError(VMTransportError):
 class Interrupted(VMTransportError):
     """A signal (SIGTERM, SIGINT, SIGHUP) stopped the work; half-written output is gone."""
 
+    signum: int | None = None  #: the signal, when one did it
+
 
 def io_error(what: str, exc: OSError) -> TransportError:
     """The TransportError for a failed system call: ``what`` names the input and the
@@ -87,7 +89,9 @@ def io_error(what: str, exc: OSError) -> TransportError:
 def _raise_interrupted(signum: int, frame: object) -> None:
     import signal
 
-    raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
+    exc = Interrupted(f"interrupted by {signal.Signals(signum).name}")
+    exc.signum = signum
+    raise exc
 
 
 def interrupt_on_signals() -> None:

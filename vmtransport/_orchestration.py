@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -188,6 +188,7 @@ async def save_vm(
     after: After = "pause",
     name: str | None = None,
     registry: Registry | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> SaveResult:
     """Save the VM behind QMP ``monitor`` (a connected client, or its socket's path) to
     ``uri``, in the image format of an ``exec:`` save, with the VM's facts from QMP in
@@ -201,18 +202,25 @@ async def save_vm(
     the pipeline's errors (:class:`~vmtransport.TransportError`, ``StreamError``),
     :class:`~vmtransport.MigrationError` (QEMU's migration failed or was cancelled),
     QMP errors. Whatever failed, or if the task is cancelled, the VM is rolled back as
-    the module says (within :data:`ROLLBACK_TIMEOUT`; shielded from the cancel).
+    the module says (within :data:`ROLLBACK_TIMEOUT`; shielded from the cancel); the
+    error's message ends with where that left the VM, and ``report``, if given, gets
+    that too (the only way to learn it after a cancel).
     """
     if after not in AFTER:
         raise UsageError(f"after={after!r}: must be one of {', '.join(AFTER)}")
     if isinstance(monitor, QMPClient):
-        return await _save(monitor, uri, after, name, registry)
+        return await _save(monitor, uri, after, name, registry, report)
     async with await connect(monitor) as client:
-        return await _save(client, uri, after, name, registry)
+        return await _save(client, uri, after, name, registry, report)
 
 
 async def _save(
-    client: QMPClient, uri: str, after: After, name: str | None, registry: Registry | None
+    client: QMPClient,
+    uri: str,
+    after: After,
+    name: str | None,
+    registry: Registry | None,
+    report: Callable[[str], None] | None,
 ) -> SaveResult:
     facts = await query_facts(client)
     state = (await client.execute("query-migrate")).get("status", "none")
@@ -236,7 +244,7 @@ async def _save(
     if isinstance(pipeline.image, ImageWriter):
         pipeline.image.metadata["vm"] = facts.metadata()
 
-    session = _Session(client, pipeline, reader, r, w)
+    session = _Session(client, pipeline, reader, r, w, report)
     return await session.run(facts, after, uri)
 
 
@@ -244,9 +252,16 @@ class _Session:
     """One save's moving parts, so that every failure unwinds the same way."""
 
     def __init__(
-        self, client: QMPClient, pipeline: SavePipeline, reader: BlockingReader, r: int, w: int
+        self,
+        client: QMPClient,
+        pipeline: SavePipeline,
+        reader: BlockingReader,
+        r: int,
+        w: int,
+        report: Callable[[str], None] | None,
     ) -> None:
         self.client = client
+        self.report = report
         self.pipeline = pipeline
         self.reader = reader
         self.r: int | None = r
@@ -409,6 +424,8 @@ class _Session:
             steps.append(f"rollback gave up after {ROLLBACK_TIMEOUT:g} s")
             outcome = f"the VM's state is unknown: no rollback within {ROLLBACK_TIMEOUT:g} s"
         self.rolled_back = outcome
+        if self.report is not None:
+            self.report(outcome)
         _log.logger().debug("save rolled back: %s", "; ".join(steps))
 
     async def _cancel_migration(self) -> str:
