@@ -21,10 +21,13 @@ from typing import Any
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 from qemuvm import VM
 
 import vmtransport
 from vmtransport import qmp
+from vmtransport.qmp._protocol import Protocol, ProtocolViolation, Reply
 
 MIB = 1 << 20
 GREETING = {
@@ -733,3 +736,81 @@ def test_top_level_exports() -> None:
     assert vmtransport.QMPError is qmp.QMPError
     assert vmtransport.QMPConnectionError is qmp.QMPConnectionError
     assert issubclass(qmp.QMPConnectionError, vmtransport.VMTransportError)
+
+
+# --- the sans-io protocol, without sockets -------------------------------------------------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=10,
+)
+
+
+@given(
+    st.lists(st.tuples(st.booleans(), _json), min_size=1, max_size=12),
+    st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=30),
+)
+def test_protocol_reassembles_messages_split_anywhere(
+    messages: list[tuple[bool, Any]], cuts: list[int]
+) -> None:
+    proto = Protocol()
+    proto.feed(json.dumps(GREETING).encode() + b"\r\n")
+    assert proto.next_message() == qmp.Greeting((10, 0, 2), "fake", ("oob",))
+    wire = b""
+    expected: list[object] = []
+    for is_event, value in messages:
+        payload: dict[str, Any]
+        if is_event:
+            payload = {"event": "E", "data": {"v": value}}
+            expected.append(qmp.Event("E", {"v": value}))
+        else:
+            cmd_id, _ = proto.command("x")
+            payload = {"return": value, "id": cmd_id}
+            expected.append(Reply(cmd_id, value))
+        wire += json.dumps(payload).encode() + b"\n"
+    got: list[object] = []
+    pos = 0
+    for cut in [*cuts, len(wire)]:
+        proto.feed(wire[pos : pos + cut])
+        pos += cut
+        while (msg := proto.next_message()) is not None:
+            got.append(msg)
+        if pos >= len(wire):
+            break
+    proto.feed(wire[pos:])
+    while (msg := proto.next_message()) is not None:
+        got.append(msg)
+    assert got == expected
+
+
+@given(st.integers(min_value=1, max_value=300), st.integers(min_value=1, max_value=50))
+def test_protocol_line_bound_holds_however_the_bytes_come(bound: int, chunk: int) -> None:
+    proto = Protocol(max_line=bound)
+    proto.feed(json.dumps(GREETING).encode().ljust(bound, b" ")[:bound] + b"\n")
+    if len(json.dumps(GREETING)) > bound:
+        with pytest.raises(ProtocolViolation):
+            proto.next_message()
+        return
+    assert isinstance(proto.next_message(), qmp.Greeting)
+    fed = 0
+    with pytest.raises(ProtocolViolation, match=f"longer than {bound} bytes"):
+        while True:
+            proto.feed(b"x" * chunk)
+            fed += chunk
+            assert proto.next_message() is None
+    assert fed <= bound + chunk  # refused as soon as the bound is passed
+
+
+def test_protocol_late_and_unknown_replies() -> None:
+    proto = Protocol()
+    proto.feed(json.dumps(GREETING).encode() + b"\n")
+    proto.next_message()
+    first, _ = proto.command("a")
+    second, _ = proto.command("b")
+    proto.abandon(first)
+    proto.feed(f'{{"return": 1, "id": {first}}}\n{{"return": 2, "id": {second}}}\n'.encode())
+    assert proto.next_message() == Reply(second, 2)  # the abandoned one's reply is skipped
+    proto.feed(f'{{"return": 1, "id": {first}}}\n'.encode())  # a second reply: unknown now
+    with pytest.raises(ProtocolViolation, match=f"command id {first}, never sent"):
+        proto.next_message()

@@ -231,11 +231,18 @@ async def _save(
     # fd_reader grows the pipe to 1 MiB: a 64 KiB pipe caps a save near 600 MiB/s.
     label = f"the migration stream from {client.monitor}"
     reader = BlockingReader(fd_reader(r), label=label, magic=b"QEVM", checksum=True)
+    built: list[SavePipeline] = []
+
+    def build() -> SavePipeline:
+        built.append(save_pipeline(uri, reader, name=name or facts.name, registry=registry))
+        return built[0]
+
     try:
-        pipeline = await trio.to_thread.run_sync(
-            lambda: save_pipeline(uri, reader, name=name or facts.name, registry=registry)
-        )
+        pipeline = await trio.to_thread.run_sync(build)
     except BaseException:
+        if built:  # cancelled while the target opened: it is open, and must go
+            reader.discard()
+            built[0].sink.abort()
         os.close(w)  # the reader thread sees EOF and ends (save_pipeline stopped it)
         with trio.CancelScope(shield=True):
             if await trio.to_thread.run_sync(reader.join, 5.0):
@@ -406,7 +413,10 @@ class _Session:
                     steps.append(f"migration {await self._cancel_migration()}")
                     await _wait_settled(client)
                 elif self.handed:
-                    await client.closefd(self.fdname)
+                    try:
+                        await client.closefd(self.fdname)
+                    except QMPError:
+                        pass  # a migrate that failed late had taken it already
                 await self.settings.restore()
                 steps.append("settings put back")
                 if self.stopped:
