@@ -7,6 +7,7 @@ parameters end as promised; a failed save leaves the VM as it was and no image.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -21,6 +22,7 @@ from helpers import MEM_MIB, VMT, parse_header, restore_cmd
 from qemuvm import VM, describe_difference, files_equal, make_ram_file
 
 import vmtransport
+from vmtransport import qmp
 
 pytestmark = pytest.mark.qemu
 TIMEOUT = 120
@@ -363,3 +365,41 @@ def test_migration_already_running_is_refused(qemu: str, tmp_path: Path) -> None
         )
         vm.cmd("migrate_cancel")
     assert not (tmp_path / "x.img").exists()
+
+
+def test_api_with_an_open_client_and_its_events(qemu: str, tmp_path: Path) -> None:
+    image = tmp_path / "x.img"
+    with source_vm(qemu, tmp_path, paused=False) as (vm, sock):
+
+        async def save() -> tuple[vmtransport.SaveResult, list[Any], str]:
+            with trio.fail_after(TIMEOUT):
+                async with await qmp.connect(sock) as client:
+                    with client.listen("STOP", "RESUME", "MIGRATION") as events:
+                        result = await vmtransport.save_vm(client, f"file:{image}", after="resume")
+                        # The client stays open, and saw what the save did.
+                        status = (await client.execute("query-status"))["status"]
+                        seen = []
+                        while (event := events.get_nowait()) is not None:
+                            seen.append((event.name, event.data.get("status")))
+            return result, seen, status
+
+        result, seen, status = trio.run(save)
+        assert result.runstate == status == "running"
+        assert seen[0] == ("STOP", None) and seen[-1] == ("RESUME", None)
+        statuses = [s for name, s in seen if name == "MIGRATION"]
+        assert statuses[0] == "setup" and statuses[-1] == "completed", seen
+        assert vm.status() == "running"
+
+
+def test_docs_examples_run(qemu: str, tmp_path: Path) -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "qmp.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", doc, re.S)
+    assert len(blocks) == 2
+    image = tmp_path / "a.sav"
+    with source_vm(qemu, tmp_path, paused=False) as (vm, sock):
+        for block in blocks:
+            code = block.replace("/run/vm/qmp.sock", sock)
+            code = code.replace("/var/lib/vm/a.sav", str(image))
+            exec(compile(code, "docs/qmp.md", "exec"), {"__name__": "docs"})
+        assert vm.wait_exit(timeout=30) == 0  # the second example quits QEMU
+    assert image_metadata(image)["vm"]["runstate"] == "paused"  # the first one stopped it
