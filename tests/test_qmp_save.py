@@ -403,3 +403,49 @@ def test_docs_examples_run(qemu: str, tmp_path: Path) -> None:
             exec(compile(code, "docs/qmp.md", "exec"), {"__name__": "docs"})
         assert vm.wait_exit(timeout=30) == 0  # the second example quits QEMU
     assert image_metadata(image)["vm"]["runstate"] == "paused"  # the first one stopped it
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB tmpfs: too small for the 64 MiB guest."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a filesystem needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(mnt)], check=True
+    )
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.root
+@pytest.mark.fault(
+    "disk full mid-save",
+    direction="save --qmp",
+    vm="as it was, settings put back",
+    disk="no image, no temporary",
+    exit=1,
+    message="No space left on device",
+)
+@pytest.mark.parametrize("kind", ["file", "odirect"])
+@pytest.mark.parametrize("paused", [False, True], ids=["running", "paused"])
+def test_disk_full_mid_save(
+    qemu: str, tmp_path: Path, small_fs: Path, kind: str, paused: bool
+) -> None:
+    image = small_fs / "x.img"
+    with source_vm(qemu, tmp_path, paused=paused) as (vm, sock):
+        before = customise(vm)
+        state = vm.status()
+        result = save_cli(sock, f"{kind}:{image}")
+        assert result.returncode == 1
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert "No space left on device" in result.stderr and str(image) in result.stderr
+        assert result.stderr.endswith(
+            f" (the VM is {state}, its migration settings as they were)\n"
+        ), result.stderr
+        assert vm.status() == state
+        assert migration_settings(vm) == before
+    assert list(small_fs.iterdir()) == []
