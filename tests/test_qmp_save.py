@@ -38,34 +38,43 @@ def halt_bios(tmp: Path) -> list[str]:
     return ["-bios", str(path)]
 
 
+#: RAM of the VMs whose save must fail mid-stream: more than the pump's buffers (64 MiB)
+#: and its pipe hold, or QEMU could finish sending before the failure shows.
+BIG_MIB = 256
+
+
 @contextmanager
-def source_vm(qemu: str, tmp: Path, *, paused: bool) -> Iterator[tuple[VM, str]]:
-    """A VM with 64 MiB of random RAM, named web1, with a second QMP socket for
+def source_vm(
+    qemu: str, tmp: Path, *, paused: bool, mem_mib: int = MEM_MIB
+) -> Iterator[tuple[VM, str]]:
+    """A VM with random RAM (64 MiB), named web1, with a second QMP socket for
     vmtransport (the harness holds the first: QEMU serves one client per socket)."""
     ram = tmp / "src.ram"
-    make_ram_file(ram, MEM_MIB, random=True)
+    make_ram_file(ram, mem_mib, random=True)
     sock = f"/tmp/vmt-save-{os.getpid()}-{time.monotonic_ns()}.sock"
     args = ["-qmp", f"unix:{sock},server=on,wait=off", "-name", "web1", *halt_bios(tmp)]
     try:
         with VM(
-            qemu, tmp, name="src", mem_mib=MEM_MIB, ram_file=ram, paused=paused, extra_args=args
+            qemu, tmp, name="src", mem_mib=mem_mib, ram_file=ram, paused=paused, extra_args=args
         ) as vm:
             yield vm, sock
     finally:
         Path(sock).unlink(missing_ok=True)
 
 
-def migration_settings(vm: VM) -> tuple[dict[str, bool], int]:
+def migration_settings(vm: VM) -> tuple[dict[str, bool], int, int]:
     caps = {c["capability"]: c["state"] for c in vm.cmd("query-migrate-capabilities")}
-    return caps, vm.cmd("query-migrate-parameters")["max-bandwidth"]
+    params = vm.cmd("query-migrate-parameters")
+    return caps, params["max-bandwidth"], params["downtime-limit"]
 
 
-def customise(vm: VM) -> tuple[dict[str, bool], int]:
-    """Settings a save must change and put back: xbzrle on, a slow bandwidth."""
+def customise(vm: VM) -> tuple[dict[str, bool], int, int]:
+    """Settings a save must change and put back: xbzrle on, a slow bandwidth, another
+    downtime limit."""
     vm.cmd("migrate-set-capabilities", {"capabilities": [{"capability": "xbzrle", "state": True}]})
-    vm.cmd("migrate-set-parameters", {"max-bandwidth": 12345678})
+    vm.cmd("migrate-set-parameters", {"max-bandwidth": 12345678, "downtime-limit": 250})
     settings = migration_settings(vm)
-    assert settings[0]["xbzrle"] and settings[1] == 12345678
+    assert settings[0]["xbzrle"] and settings[1:] == (12345678, 250)
     return settings
 
 
@@ -231,7 +240,7 @@ def test_migrate_cancel_from_elsewhere(qemu: str, tmp_path: Path) -> None:
     image = tmp_path / "x.img"
     # A sink that holds the stream up, so that the cancel lands mid-save.
     uri = f"exec:sleep 2; cat > {image}"
-    with source_vm(qemu, tmp_path, paused=False) as (vm, sock):
+    with source_vm(qemu, tmp_path, paused=False, mem_mib=BIG_MIB) as (vm, sock):
         before = customise(vm)
         with subprocess.Popen(
             [str(VMT), "save", "--qmp", sock, uri], stderr=subprocess.PIPE, text=True
@@ -258,7 +267,7 @@ def test_migrate_cancel_from_elsewhere(qemu: str, tmp_path: Path) -> None:
 )
 @pytest.mark.parametrize("paused", [False, True], ids=["running", "paused"])
 def test_failing_target_rolls_back(qemu: str, tmp_path: Path, paused: bool) -> None:
-    with source_vm(qemu, tmp_path, paused=paused) as (vm, sock):
+    with source_vm(qemu, tmp_path, paused=paused, mem_mib=BIG_MIB) as (vm, sock):
         before = customise(vm)
         state = vm.status()
         result = save_cli(sock, "exec:head -c 1000000 >/dev/null; echo disk on fire >&2; exit 3")
@@ -283,7 +292,7 @@ def test_failing_target_rolls_back(qemu: str, tmp_path: Path, paused: bool) -> N
 )
 def test_qemu_killed_mid_save(qemu: str, tmp_path: Path) -> None:
     image = tmp_path / "x.img"
-    with source_vm(qemu, tmp_path, paused=False) as (vm, sock):
+    with source_vm(qemu, tmp_path, paused=False, mem_mib=BIG_MIB) as (vm, sock):
         with subprocess.Popen(
             [str(VMT), "save", "--qmp", sock, f"exec:sleep 2; cat > {tmp_path / 'x.cat'}"],
             stderr=subprocess.PIPE,
@@ -311,7 +320,7 @@ def test_qemu_killed_mid_save(qemu: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=str)
 def test_signal_mid_save_rolls_back(qemu: str, tmp_path: Path, sig: signal.Signals) -> None:
     image = tmp_path / "x.img"
-    with source_vm(qemu, tmp_path, paused=False) as (vm, sock):
+    with source_vm(qemu, tmp_path, paused=False, mem_mib=BIG_MIB) as (vm, sock):
         before = customise(vm)
         # odirect: behind a slow first write would need a slow disk: an exec: target
         # that holds the stream up keeps the migration active long enough.
@@ -335,7 +344,7 @@ def test_signal_mid_save_rolls_back(qemu: str, tmp_path: Path, sig: signal.Signa
 def test_sigkill_leaves_what_the_docs_say(qemu: str, tmp_path: Path) -> None:
     # docs/qmp.md: no rollback; QEMU's migration fails on the broken pipe, the VM stays
     # stopped, the save's settings stay.
-    with source_vm(qemu, tmp_path, paused=False) as (vm, sock):
+    with source_vm(qemu, tmp_path, paused=False, mem_mib=BIG_MIB) as (vm, sock):
         customise(vm)
         with subprocess.Popen(
             [str(VMT), "save", "--qmp", sock, "exec:sleep 3; cat > /dev/null"],
@@ -351,8 +360,9 @@ def test_sigkill_leaves_what_the_docs_say(qemu: str, tmp_path: Path) -> None:
             time.sleep(0.05)
         assert vm.query_migrate()["status"] == "failed"
         assert vm.status() == "paused"
-        caps, bandwidth = migration_settings(vm)
+        caps, bandwidth, downtime = migration_settings(vm)
         assert not caps["xbzrle"] and caps["events"] and bandwidth > 12345678
+        assert downtime == 1
 
 
 def test_migration_already_running_is_refused(qemu: str, tmp_path: Path) -> None:
@@ -436,7 +446,7 @@ def test_disk_full_mid_save(
     qemu: str, tmp_path: Path, small_fs: Path, kind: str, paused: bool
 ) -> None:
     image = small_fs / "x.img"
-    with source_vm(qemu, tmp_path, paused=paused) as (vm, sock):
+    with source_vm(qemu, tmp_path, paused=paused, mem_mib=BIG_MIB) as (vm, sock):
         before = customise(vm)
         state = vm.status()
         result = save_cli(sock, f"{kind}:{image}")

@@ -39,6 +39,13 @@ AFTER: Final = ("pause", "resume", "quit")
 #: to MiB/s, in bytes/s), which both QEMU 7.2 and 10.0 accept. QEMU's default, 128 MiB/s,
 #: would make the save crawl.
 UNLIMITED_BANDWIDTH: Final = ((1 << 63) - 1) >> 20 << 20
+#: The migration parameters a save sets (and puts back). ``downtime-limit`` 1 ms: QEMU
+#: then streams RAM in its active phase, not in the completion phase it enters once
+#: what is left fits the limit. A failure in the active phase leaves the source's run
+#: state as it was; one in the completion phase leaves a VM that was not running in
+#: ``postmigrate``, from which QEMU refuses a new migration until ``cont``. The VM is
+#: stopped anyway, so the limit costs nothing.
+WANTED_PARAMETERS: Final = {"max-bandwidth": UNLIMITED_BANDWIDTH, "downtime-limit": 1}
 #: Capabilities a save wants on: ``events`` gives MIGRATION events to whoever listens.
 #: Every other capability is switched off for the save: most change the stream's format
 #: (multifd, compress, xbzrle, mapped-ram), need a second channel (return-path,
@@ -140,11 +147,10 @@ class _Settings:
         params = await self.client.execute("query-migrate-parameters")
         if change:
             await self.client.execute("migrate-set-capabilities", {"capabilities": change})
-        if params.get("max-bandwidth") != UNLIMITED_BANDWIDTH:
-            self.parameters["max-bandwidth"] = params.get("max-bandwidth")
-            await self.client.execute(
-                "migrate-set-parameters", {"max-bandwidth": UNLIMITED_BANDWIDTH}
-            )
+        wanted = {k: v for k, v in WANTED_PARAMETERS.items() if params.get(k) != v}
+        if wanted:
+            self.parameters = {k: params[k] for k in wanted}
+            await self.client.execute("migrate-set-parameters", wanted)
 
     async def restore(self) -> None:
         if self.parameters:
