@@ -372,10 +372,13 @@ def _describe_mode(mode: int) -> str:
     return kinds.get(stat.S_IFMT(mode), "not a socket")
 
 
+#: sun_path's size, with its terminating NUL
+_SUN_PATH: Final = 108
+
+
 async def _open_path(path: str) -> trio.socket.SocketType:
-    """Connect to the UNIX socket at ``path``, whatever its length: through an O_PATH
-    descriptor and /proc/self/fd, which also makes the type check and the connect see
-    the same file."""
+    """Connect to the UNIX socket at ``path``, whatever its length: a path too long for
+    sun_path is reached through its O_PATH descriptor in /proc/self/fd."""
     try:
         pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError as exc:
@@ -386,7 +389,8 @@ async def _open_path(path: str) -> trio.socket.SocketType:
             raise QMPConnectionError(f"QMP monitor {path}: not a socket ({_describe_mode(mode)})")
         sock = trio.socket.socket(_AF_UNIX, _socket.SOCK_STREAM)
         try:
-            await sock.connect(f"/proc/self/fd/{pfd}")
+            short = len(os.fsencode(path)) < _SUN_PATH
+            await sock.connect(path if short else f"/proc/self/fd/{pfd}")
         except OSError as exc:
             sock.close()
             hint = (
