@@ -2,7 +2,7 @@
 
 The public API, most important first. Everything else lives in private modules, which
 load on first use (PEP 562): the ``vmtransport`` command starts reading a save's stream
-before it imports them (see ``_main``).
+before it imports them (see ``_main``). ``vmtransport.qmp`` is the QMP client.
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ if TYPE_CHECKING:
     from ._errors import (
         CommandError,
         Interrupted,
+        MigrationError,
         PluginError,
+        QMPConnectionError,
+        QMPError,
         StreamError,
         TransportError,
         URIError,
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
     from ._hookspecs import hookimpl
     from ._inspect import describe as inspect_image
     from ._inspect import verify as verify_image
+    from ._orchestration import SaveResult, VMFacts, save_vm
     from ._pipeline import (
         STATES,
         Pipeline,
@@ -68,7 +72,13 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "SavePipeline": ("._usecases", "SavePipeline"),
     "CommandError": ("._errors", "CommandError"),
     "Interrupted": ("._errors", "Interrupted"),
+    "MigrationError": ("._errors", "MigrationError"),
+    "SaveResult": ("._orchestration", "SaveResult"),
+    "VMFacts": ("._orchestration", "VMFacts"),
+    "save_vm": ("._orchestration", "save_vm"),
     "PluginError": ("._errors", "PluginError"),
+    "QMPConnectionError": ("._errors", "QMPConnectionError"),
+    "QMPError": ("._errors", "QMPError"),
     "StreamError": ("._errors", "StreamError"),
     "TransportError": ("._errors", "TransportError"),
     "URIError": ("._errors", "URIError"),
@@ -101,13 +111,17 @@ __all__ = [
     "URI",
     "CommandError",
     "Interrupted",
+    "MigrationError",
     "Pipeline",
     "PluginError",
     "Progress",
     "PumpStats",
+    "QMPConnectionError",
+    "QMPError",
     "Registry",
     "RestorePipeline",
     "SavePipeline",
+    "SaveResult",
     "SeekableSink",
     "Sink",
     "Source",
@@ -119,6 +133,7 @@ __all__ = [
     "TransportInfo",
     "URIError",
     "UsageError",
+    "VMFacts",
     "VMTransportError",
     "__version__",
     "copy",
@@ -137,6 +152,7 @@ __all__ = [
     "save",
     "save_fd",
     "save_pipeline",
+    "save_vm",
     "verify_image",
 ]
 

@@ -203,20 +203,42 @@ class BlockingReader:
         self.error: BaseException | None = None
         self.head = b""  #: the stream's first bytes (up to HEAD), for a magic check
         self._done = False  # stop(), or the end reached (parallel reads)
+        # Held until every reader thread has returned (see join).
+        self._exited = _thread.allocate_lock()
+        self._exited.acquire()
+        self._count_lock = _thread.allocate_lock()
         if at is None:
-            self._threads = 1
-            _thread.start_new_thread(self._run, ())
+            self._threads = self._alive = 1
+            _thread.start_new_thread(self._thread, (self._run,))
             return
         # One lock per thread: thread i may queue its buffer only while it holds
         # turns[i], and passes the turn on to the next: buffers arrive in file order.
         # claims[i] does the same for taking a free buffer.
-        self._threads = max(1, depth)
+        self._threads = self._alive = max(1, depth)
         self._turns = [_thread.allocate_lock() for _ in range(self._threads)]
         self._claims = [_thread.allocate_lock() for _ in range(self._threads)]
         for lock in self._turns[1:] + self._claims[1:]:
             lock.acquire()
         for i in range(self._threads):
-            _thread.start_new_thread(self._run_at, (i, *at))
+            _thread.start_new_thread(self._thread, (self._run_at, i, *at))
+
+    def _thread(self, fn: Callable[..., None], *args: object) -> None:
+        try:
+            fn(*args)
+        finally:
+            with self._count_lock:
+                self._alive -= 1
+                if self._alive == 0:
+                    self._exited.release()
+
+    def join(self, timeout: float) -> bool:
+        """Wait until every reader thread has returned: only then may the descriptor
+        they read be closed (a later read would hit whatever reuses its number).
+        False if one is still inside a read after ``timeout`` seconds."""
+        if self._exited.acquire(timeout=timeout):
+            self._exited.release()
+            return True
+        return False
 
     def _run(self) -> None:
         read, size, magic = self._read, self._size, self.magic

@@ -30,9 +30,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"vmtransport {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="statistics; tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    s = sub.add_parser("save", help="write the stream on stdin to URI")
+    s = sub.add_parser("save", help="write the stream on stdin (or of the VM behind --qmp) to URI")
     s.add_argument("uri", metavar="URI")
     s.add_argument("--name", help="a name for the VM, kept in the image's metadata")
+    s.add_argument(
+        "--qmp",
+        metavar="SOCKET",
+        help="save the VM behind this QMP socket: stop it, migrate it into URI",
+    )
+    s.add_argument(
+        "--after",
+        choices=("pause", "resume", "quit"),
+        help="with --qmp: what becomes of the VM once its image is complete (default: pause)",
+    )
     r = sub.add_parser("restore", help="write the stream at URI to stdout")
     r.add_argument("uri", metavar="URI")
     c = sub.add_parser("copy", help="copy the stream at SRC to DST")
@@ -98,7 +108,7 @@ def _stdin_reader(args: argparse.Namespace) -> BlockingReader | None:
     """The head start of ``save``: start reading QEMU's stream from stdin now, before
     the rest of the package loads (QEMU blocks as soon as the pipe is full). Imports C
     modules only (see ``_buffers``)."""
-    if args.command != "save":
+    if args.command != "save" or args.qmp is not None:
         return None
     try:
         os.fstat(0)
@@ -109,6 +119,39 @@ def _stdin_reader(args: argparse.Namespace) -> BlockingReader | None:
     from ._buffers import save_reader
 
     return save_reader(0)
+
+
+def _save_vm(args: argparse.Namespace, verbose: bool) -> int:
+    """``save --qmp``: the API's save_vm, under trio (signals cancel it: rolled back)."""
+    from ._errors import Interrupted
+    from ._orchestration import save_vm
+    from ._pipeline import run_trio
+
+    rolled_back: list[str] = []
+    try:
+        result = run_trio(
+            lambda: save_vm(
+                args.qmp,
+                args.uri,
+                after=args.after or "pause",
+                name=args.name,
+                report=rolled_back.append,
+            )
+        )
+    except Interrupted as exc:
+        if not rolled_back or exc.signum is None:
+            raise
+        # The signal's own line, and where the rollback left the VM; 128 + the signal,
+        # as a shell reports a process the signal killed.
+        print(f"vmtransport: error: {exc} ({rolled_back[-1]})", file=sys.stderr)
+        return 128 + exc.signum
+    if verbose:
+        _log.logger().info(
+            "saved %s to %s: %d bytes in %.2f s (%.0f MiB/s); VM %s",
+            args.qmp, args.uri, result.bytes, result.seconds, result.mib_per_s,
+            result.runstate or "quit",
+        )  # fmt: skip
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -149,6 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         pipeline: Pipeline
         restore: _usecases.RestorePipeline | None = None
+        if args.command == "save" and args.qmp is not None:
+            return _save_vm(args, verbose)
+        if args.command == "save" and args.after is not None:
+            raise UsageError("--after applies to a save with --qmp only")
         if args.command == "save":
             pipeline = _usecases.save_pipeline(args.uri, reader or 0, name=args.name)
             reader = None  # the pipeline's now

@@ -7,6 +7,10 @@
      +-- TransportError              I/O failed while opening, moving or committing; exit 1
      |    +-- CommandError           an exec: command exited non-zero
      +-- StreamError                 the bytes are not (a complete) QEMU stream or image
+     +-- QMPError                    QEMU answered a QMP command with an error
+     +-- QMPConnectionError          the QMP monitor is not there, closed, stalled or spoke
+     |                               something that is not QMP
+     +-- MigrationError              QEMU's migration failed or was cancelled
      +-- Interrupted                 a signal stopped the work
 
 Every message names the input it is about and the reason, on one line.
@@ -49,8 +53,30 @@ class StreamError(VMTransportError):
     """Data that is not a QEMU migration stream, or one that ended early."""
 
 
+class QMPError(VMTransportError):
+    """QEMU refused a QMP command: carries QEMU's error ``class`` and ``desc``."""
+
+    def __init__(self, monitor: str, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"QMP monitor {monitor}: {command} failed: {error_class}: {desc}")
+        self.monitor = monitor
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
+class QMPConnectionError(VMTransportError):
+    """The QMP monitor cannot be used: no such socket, nothing listening, no greeting, the
+    connection closed, a command without a reply in time, or bytes that are not QMP."""
+
+
+class MigrationError(VMTransportError):
+    """QEMU reported its migration failed or cancelled (its ``error-desc`` says why)."""
+
+
 class Interrupted(VMTransportError):
     """A signal (SIGTERM, SIGINT, SIGHUP) stopped the work; half-written output is gone."""
+
+    signum: int | None = None  #: the signal, when one did it
 
 
 def io_error(what: str, exc: OSError) -> TransportError:
@@ -63,7 +89,9 @@ def io_error(what: str, exc: OSError) -> TransportError:
 def _raise_interrupted(signum: int, frame: object) -> None:
     import signal
 
-    raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
+    exc = Interrupted(f"interrupted by {signal.Signals(signum).name}")
+    exc.signum = signum
+    raise exc
 
 
 def interrupt_on_signals() -> None:

@@ -523,7 +523,9 @@ def run_trio(job: Callable[[], Awaitable[T]]) -> T:
                 sigs = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
                 with trio.open_signal_receiver(*sigs) as it:
                     async for signum in it:
-                        raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
+                        exc = Interrupted(f"interrupted by {signal.Signals(signum).name}")
+                        exc.signum = signum
+                        raise exc
 
             nursery.start_soon(signals)
             nursery.start_soon(work)

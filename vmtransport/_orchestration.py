@@ -1,0 +1,471 @@
+"""QMP-driven saves: vmtransport as the management tool (what ``virsh save`` does).
+
+:func:`save_vm` hands QEMU the write end of a pipe (``getfd`` + ``migrate fd:NAME``) and
+pumps the read end through the very pipeline an ``exec:`` save uses (validation, image
+format, transports). Around it, the run-state policy: a running VM is stopped first, so
+the image is one consistent pass of RAM; ``after`` says what becomes of it once the
+image is complete. On any failure or cancellation the migration is cancelled, QEMU's
+pipe drained so it can notice, every migration capability and parameter put back, and
+the VM resumed if this function stopped it; no image is left under the final name
+(the pipeline aborts its sink).
+
+This layer sits above the use cases and below the CLI; the QMP client knows nothing of it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+import trio
+
+from . import _log
+from ._buffers import BlockingReader, fd_reader
+from ._errors import MigrationError, QMPConnectionError, QMPError, UsageError, VMTransportError
+from ._pipeline import PumpStats
+from ._registry import Registry
+from ._usecases import SavePipeline, save_pipeline
+from .image import ImageWriter
+from .qmp import QMPClient, connect
+
+After = Literal["pause", "resume", "quit"]
+AFTER: Final = ("pause", "resume", "quit")
+
+#: QEMU's ``max-bandwidth`` for a save: libvirt's "unlimited" (INT64_MAX rounded down
+#: to MiB/s, in bytes/s), which both QEMU 7.2 and 10.0 accept. QEMU's default, 128 MiB/s,
+#: would make the save crawl.
+UNLIMITED_BANDWIDTH: Final = ((1 << 63) - 1) >> 20 << 20
+#: The migration parameters a save sets (and puts back). ``downtime-limit`` 1 ms: QEMU
+#: then streams RAM in its active phase, not in the completion phase it enters once
+#: what is left fits the limit. A failure in the active phase leaves the source's run
+#: state as it was; one in the completion phase leaves a VM that was not running in
+#: ``postmigrate``, from which QEMU refuses a new migration until ``cont``. The VM is
+#: stopped anyway, so the limit costs nothing.
+WANTED_PARAMETERS: Final = {"max-bandwidth": UNLIMITED_BANDWIDTH, "downtime-limit": 1}
+#: Capabilities a save wants on: ``events`` gives MIGRATION events to whoever listens.
+#: Every other capability is switched off for the save: most change the stream's format
+#: (multifd, compress, xbzrle, mapped-ram), need a second channel (return-path,
+#: postcopy), wait for a command (pause-before-switchover) or leave out RAM
+#: (x-ignore-shared, release-ram) — an image that a plain QEMU could not load.
+WANTED_CAPABILITIES: Final = {"events": True}
+#: Seconds a rollback may take (cancel, wait for QEMU to stop writing, put back).
+ROLLBACK_TIMEOUT: Final = 30.0
+#: Seconds between two ``query-migrate`` polls while the stream flows.
+POLL_INTERVAL: Final = 0.1
+#: Seconds QEMU may take to report "completed" once its stream has ended.
+COMPLETION_WAIT: Final = 30.0
+_FINAL: Final = frozenset({"completed", "failed", "cancelled"})
+_IDLE: Final = frozenset({"none", "completed", "failed", "cancelled"})
+_fdnames = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class VMFacts:
+    """What QMP says about a VM before its save (kept in the image's metadata)."""
+
+    name: str | None  #: ``-name``, or None
+    qemu_version: str  #: e.g. "7.2.22"
+    qemu_package: str  #: e.g. "Debian 1:7.2+dfsg-7+deb12u18+b3"
+    machine_type: str  #: e.g. "pc-i440fx-7.2"
+    runstate: str  #: before the save: running, paused, prelaunch...
+    ram_size: int  #: bytes: base + hot-plugged memory
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "qemu_version": self.qemu_version,
+            "qemu_package": self.qemu_package,
+            "machine_type": self.machine_type,
+            "runstate": self.runstate,
+            "ram_size": self.ram_size,
+        }
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """What :func:`save_vm` saved, how fast, and where it left the VM."""
+
+    uri: str
+    stats: PumpStats  #: stream bytes and seconds of the pump
+    vm: VMFacts
+    stopped: bool  #: save_vm stopped the VM (it was running)
+    after: str  #: what was done once the image was complete
+    runstate: str  #: the VM's run state at the end ("" after quit)
+    migration: Mapping[str, Any] = field(default_factory=dict)  #: QEMU's final query-migrate
+
+    @property
+    def bytes(self) -> int:
+        return self.stats.bytes
+
+    @property
+    def seconds(self) -> float:
+        return self.stats.seconds
+
+    @property
+    def mib_per_s(self) -> float:
+        return self.stats.mib_per_s
+
+
+async def query_facts(client: QMPClient) -> VMFacts:
+    status = await client.execute("query-status")
+    name = (await client.execute("query-name")).get("name")
+    version = await client.execute("query-version")
+    qemu = version.get("qemu", {})
+    machine = str(await client.execute("qom-get", {"path": "/machine", "property": "type"}))
+    memory = await client.execute("query-memory-size-summary")
+    return VMFacts(
+        name=name if isinstance(name, str) else None,
+        qemu_version=f"{qemu.get('major')}.{qemu.get('minor')}.{qemu.get('micro')}",
+        qemu_package=str(version.get("package", "")).strip(),
+        machine_type=machine.removesuffix("-machine"),  # QOM's type name for the machine
+        runstate=str(status["status"]),
+        ram_size=int(memory.get("base-memory", 0)) + int(memory.get("plugged-memory", 0)),
+    )
+
+
+class _Settings:
+    """The migration capabilities and parameters a save changes, and their old values."""
+
+    def __init__(self, client: QMPClient) -> None:
+        self.client = client
+        self.capabilities: dict[str, bool] = {}  # name -> value before
+        self.parameters: dict[str, Any] = {}
+
+    async def apply(self) -> None:
+        caps = await self.client.execute("query-migrate-capabilities")
+        change = []
+        for cap in caps:
+            name, state = cap["capability"], bool(cap["state"])
+            want = WANTED_CAPABILITIES.get(name, False)
+            if state != want:
+                change.append({"capability": name, "state": want})
+                self.capabilities[name] = state
+        params = await self.client.execute("query-migrate-parameters")
+        if change:
+            await self.client.execute("migrate-set-capabilities", {"capabilities": change})
+        wanted = {k: v for k, v in WANTED_PARAMETERS.items() if params.get(k) != v}
+        if wanted:
+            self.parameters = {k: params[k] for k in wanted}
+            await self.client.execute("migrate-set-parameters", wanted)
+
+    async def restore(self) -> None:
+        if self.parameters:
+            await self.client.execute("migrate-set-parameters", self.parameters)
+            self.parameters = {}
+        if self.capabilities:
+            old = [{"capability": k, "state": v} for k, v in self.capabilities.items()]
+            await self.client.execute("migrate-set-capabilities", {"capabilities": old})
+            self.capabilities = {}
+
+
+async def _wait_settled(client: QMPClient, timeout: float = 10.0) -> str:
+    """QEMU reports a migration's end before it leaves ``finish-migrate``: wait for the
+    run state that follows (postmigrate, or paused after a failure)."""
+    with trio.move_on_after(timeout):
+        while True:
+            status = str((await client.execute("query-status"))["status"])
+            if status != "finish-migrate":
+                return status
+            await trio.sleep(0.01)
+    return "finish-migrate"
+
+
+async def _drain(fd: int) -> None:
+    """Read and drop what QEMU still writes into the pipe, until it closes its end: a
+    migration thread blocked on a full pipe cannot see a cancel (a pipe has no
+    shutdown)."""
+    stream = trio.lowlevel.FdStream(os.dup(fd))
+    async with stream:
+        try:
+            while await stream.receive_some(1 << 20):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+async def save_vm(
+    monitor: QMPClient | str | os.PathLike[str],
+    uri: str,
+    *,
+    after: After = "pause",
+    name: str | None = None,
+    registry: Registry | None = None,
+    report: Callable[[str], None] | None = None,
+) -> SaveResult:
+    """Save the VM behind QMP ``monitor`` (a connected client, or its socket's path) to
+    ``uri``, in the image format of an ``exec:`` save, with the VM's facts from QMP in
+    the image's metadata (``vm``: name, QEMU version, machine type, run state, RAM size).
+
+    A running VM is stopped first. Once the image is complete, ``after`` = ``pause``
+    leaves the VM stopped (it and its image cannot diverge), ``resume`` runs it again,
+    ``quit`` ends QEMU. Capabilities and parameters changed for the save are put back.
+
+    Raises :class:`~vmtransport.UsageError` (bad ``after``, a migration already running),
+    the pipeline's errors (:class:`~vmtransport.TransportError`, ``StreamError``),
+    :class:`~vmtransport.MigrationError` (QEMU's migration failed or was cancelled),
+    QMP errors. Whatever failed, or if the task is cancelled, the VM is rolled back as
+    the module says (within :data:`ROLLBACK_TIMEOUT`; shielded from the cancel); the
+    error's message ends with where that left the VM, and ``report``, if given, gets
+    that too (the only way to learn it after a cancel).
+    """
+    if after not in AFTER:
+        raise UsageError(f"after={after!r}: must be one of {', '.join(AFTER)}")
+    if isinstance(monitor, QMPClient):
+        return await _save(monitor, uri, after, name, registry, report)
+    async with await connect(monitor) as client:
+        return await _save(client, uri, after, name, registry, report)
+
+
+async def _save(
+    client: QMPClient,
+    uri: str,
+    after: After,
+    name: str | None,
+    registry: Registry | None,
+    report: Callable[[str], None] | None,
+) -> SaveResult:
+    facts = await query_facts(client)
+    state = (await client.execute("query-migrate")).get("status", "none")
+    if state not in _IDLE:
+        raise UsageError(f"QMP monitor {client.monitor}: a migration is already {state}")
+
+    r, w = os.pipe2(os.O_CLOEXEC)
+    # fd_reader grows the pipe to 1 MiB: a 64 KiB pipe caps a save near 600 MiB/s.
+    label = f"the migration stream from {client.monitor}"
+    reader = BlockingReader(fd_reader(r), label=label, magic=b"QEVM", checksum=True)
+    built: list[SavePipeline] = []
+
+    def build() -> SavePipeline:
+        built.append(save_pipeline(uri, reader, name=name or facts.name, registry=registry))
+        return built[0]
+
+    try:
+        pipeline = await trio.to_thread.run_sync(build)
+    except BaseException:
+        if built:  # cancelled while the target opened: it is open, and must go
+            reader.discard()
+            built[0].sink.abort()
+        os.close(w)  # the reader thread sees EOF and ends (save_pipeline stopped it)
+        with trio.CancelScope(shield=True):
+            if await trio.to_thread.run_sync(reader.join, 5.0):
+                os.close(r)
+        raise
+    if isinstance(pipeline.image, ImageWriter):
+        pipeline.image.metadata["vm"] = facts.metadata()
+
+    session = _Session(client, pipeline, reader, r, w, report)
+    return await session.run(facts, after, uri)
+
+
+class _Session:
+    """One save's moving parts, so that every failure unwinds the same way."""
+
+    def __init__(
+        self,
+        client: QMPClient,
+        pipeline: SavePipeline,
+        reader: BlockingReader,
+        r: int,
+        w: int,
+        report: Callable[[str], None] | None,
+    ) -> None:
+        self.client = client
+        self.report = report
+        self.pipeline = pipeline
+        self.reader = reader
+        self.r: int | None = r
+        self.w: int | None = w
+        self.settings = _Settings(client)
+        self.fdname = f"vmtransport-{os.getpid()}-{next(_fdnames)}"
+        self.handed = False  # QEMU holds a copy of the write end (getfd)
+        self.migrating = False  # migrate was accepted
+        self.stopped = False  # we stopped the VM
+        self.stats: PumpStats | None = None
+        self.pump_error: BaseException | None = None
+        self.rolled_back = ""  # where the rollback left the VM, for the error message
+
+    def _close_w(self) -> None:
+        if self.w is not None:
+            os.close(self.w)
+            self.w = None
+
+    async def run(self, facts: VMFacts, after: After, uri: str) -> SaveResult:
+        try:
+            try:
+                info = await self._migrate(facts)
+                if self.pump_error is not None:
+                    raise self.pump_error
+            except VMTransportError as exc:
+                if self.rolled_back and len(exc.args) == 1:
+                    # One line says what failed and where that left the VM.
+                    exc.args = (f"{exc.args[0]} ({self.rolled_back})",)
+                raise
+            assert self.stats is not None
+            client = self.client
+            runstate = await _wait_settled(client)
+            await self.settings.restore()
+            if after == "resume":
+                await client.execute("cont")
+                runstate = str((await client.execute("query-status"))["status"])
+            elif after == "quit":
+                await _quit(client)
+                runstate = ""
+            return SaveResult(uri, self.stats, facts, self.stopped, after, runstate, info)
+        finally:
+            self._close_w()
+            with trio.CancelScope(shield=True):
+                await self._close_r()
+
+    async def _migrate(self, facts: VMFacts) -> dict[str, Any]:
+        """Stop, hand over the pipe, migrate and pump; roll back unless the image is
+        complete. Returns QEMU's final query-migrate."""
+        client = self.client
+        pump_scope = trio.CancelScope()
+        pump_done = trio.Event()
+        error: BaseException | None = None
+        info: dict[str, Any] = {}
+
+        async def pump() -> None:
+            with pump_scope:
+                try:
+                    self.stats = await self.pipeline.run_async()
+                except Exception as exc:
+                    self.pump_error = exc
+            pump_done.set()
+
+        async with trio.open_nursery() as nursery:
+            # The pipeline runs from the start: its reader already waits on the pipe,
+            # and a failure anywhere below cancels it, so its sink is aborted.
+            nursery.start_soon(pump)
+            try:
+                await self.settings.apply()
+                if facts.runstate == "running":
+                    await client.execute("stop")
+                    self.stopped = True
+                assert self.w is not None
+                await client.getfd(self.w, self.fdname)
+                self.handed = True
+                self._close_w()  # QEMU's copy is the only writer: its close is our EOF
+                await client.execute("migrate", {"uri": f"fd:{self.fdname}"})
+                self.migrating = True
+                self.handed = False  # migrate took the named descriptor
+                info = await self._follow(pump_done)
+                await pump_done.wait()  # QEMU completed: the pump ends with its EOF
+            except BaseException as exc:
+                # Kept, not raised here: out of a nursery it would come wrapped in an
+                # exception group.
+                error = exc
+            finally:
+                pump_scope.cancel()
+                if self.stats is None:
+                    with trio.CancelScope(shield=True):
+                        await self._rollback()
+        if error is not None:
+            raise error
+        return info
+
+    async def _close_r(self) -> None:
+        """Close the read end once no reader thread can read it any more."""
+        if self.r is None:
+            return
+        if await trio.to_thread.run_sync(self.reader.join, 5.0):
+            os.close(self.r)
+            self.r = None
+        else:  # a thread is still in a read: leak the descriptor rather than reuse it
+            _log.warning("%s: pipe left open, its reader is stuck", self.pipeline.label)
+
+    async def _follow(self, pump_done: trio.Event) -> dict[str, Any]:
+        """Watch QEMU's side until it completes; raise if it fails or the pump does."""
+        ended_at: float | None = None  # when the pump saw the stream's end
+        while True:
+            info: dict[str, Any] = await self.client.execute("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                return info
+            if status in ("failed", "cancelled"):
+                why = info.get("error-desc") or status
+                raise MigrationError(
+                    f"QMP monitor {self.client.monitor}: QEMU's migration {status}: {why}"
+                )
+            if not pump_done.is_set():
+                with trio.move_on_after(POLL_INTERVAL):
+                    await pump_done.wait()
+                continue
+            if self.pump_error is not None:
+                raise self.pump_error
+            # The stream is complete and QEMU closed the pipe: "completed" is due.
+            now = time.monotonic()
+            ended_at = now if ended_at is None else ended_at
+            if now - ended_at > COMPLETION_WAIT:
+                raise MigrationError(
+                    f"QMP monitor {self.client.monitor}: the stream ended but QEMU's "
+                    f"migration is still {status} after {COMPLETION_WAIT:g} s"
+                )
+            await trio.sleep(0.01)
+
+    async def _rollback(self) -> None:
+        """Undo what this save did to the VM, best effort and bounded; never raises.
+        Sets :attr:`rolled_back` to the VM's state afterwards."""
+        client = self.client
+        steps: list[str] = []
+        outcome = ""
+        with trio.move_on_after(ROLLBACK_TIMEOUT) as scope:
+            try:
+                if self.migrating:
+                    steps.append(f"migration {await self._cancel_migration()}")
+                    await _wait_settled(client)
+                elif self.handed:
+                    try:
+                        await client.closefd(self.fdname)
+                    except QMPError:
+                        pass  # a migrate that failed late had taken it already
+                await self.settings.restore()
+                steps.append("settings put back")
+                if self.stopped:
+                    await client.execute("cont")
+                    steps.append("VM resumed")
+                status = (await client.execute("query-status"))["status"]
+                outcome = f"the VM is {status}, its migration settings as they were"
+            except QMPConnectionError as exc:  # QEMU is gone, or its monitor is
+                steps.append(f"rollback stopped: {exc}")
+                outcome = "the VM's state is unknown"
+            except QMPError as exc:
+                steps.append(f"rollback stopped: {exc}")
+                outcome = f"the VM's state is unknown: {exc}"
+        if scope.cancelled_caught:
+            steps.append(f"rollback gave up after {ROLLBACK_TIMEOUT:g} s")
+            outcome = f"the VM's state is unknown: no rollback within {ROLLBACK_TIMEOUT:g} s"
+        self.rolled_back = outcome
+        if self.report is not None:
+            self.report(outcome)
+        _log.logger().debug("save rolled back: %s", "; ".join(steps))
+
+    async def _cancel_migration(self) -> str:
+        """migrate_cancel, draining the pipe meanwhile; QEMU's final status."""
+        assert self.r is not None
+        status = "unknown"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_drain, self.r)
+            try:
+                try:
+                    await self.client.execute("migrate_cancel")
+                except QMPError:
+                    pass  # it ended meanwhile
+                while status not in _FINAL:
+                    status = (await self.client.execute("query-migrate")).get("status")
+                    await trio.sleep(0.05)
+            except QMPConnectionError as exc:
+                status = f"unknown ({exc})"
+            nursery.cancel_scope.cancel()
+        return status
+
+
+async def _quit(client: QMPClient) -> None:
+    try:
+        await client.execute("quit")
+    except QMPConnectionError:
+        pass  # QEMU may close the monitor before its reply gets out
