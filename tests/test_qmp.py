@@ -245,6 +245,14 @@ async def test_concurrent_commands_get_their_own_replies(qemu: str, tmp_path: Pa
 
 
 @pytest.mark.qemu
+@pytest.mark.fault(
+    "QMP: a real QEMU monitor that never greets (another client holds it)",
+    direction="qmp",
+    vm="the VM untouched",
+    disk="n/a",
+    exit="QMPConnectionError raised (the CLI: exit 1)",
+    message="'no greeting' within the deadline",
+)
 async def test_busy_monitor_never_greets(qemu: str, tmp_path: Path) -> None:
     # QEMU serves one client per monitor: the harness holds the first socket, so a
     # second client is accepted by the kernel and then hears nothing.
@@ -259,6 +267,14 @@ async def test_busy_monitor_never_greets(qemu: str, tmp_path: Path) -> None:
 # --- paths that are no monitor ------------------------------------------------------------
 
 
+@pytest.mark.fault(
+    "QMP: a plain file given as the monitor",
+    direction="qmp",
+    vm="n/a",
+    disk="n/a",
+    exit="QMPConnectionError raised (the CLI: exit 1)",
+    message="names the path: not a socket",
+)
 async def test_plain_file_is_no_monitor(tmp_path: Path) -> None:
     path = tmp_path / "qmp.sock"
     path.write_text("{}\n")
@@ -267,6 +283,14 @@ async def test_plain_file_is_no_monitor(tmp_path: Path) -> None:
     assert str(err.value) == f"QMP monitor {path}: not a socket (a regular file)"
 
 
+@pytest.mark.fault(
+    "QMP: a directory, a FIFO or a missing path given as the monitor",
+    direction="qmp",
+    vm="n/a",
+    disk="n/a",
+    exit="QMPConnectionError raised (the CLI: exit 1)",
+    message="names the path and why",
+)
 async def test_directory_fifo_and_missing_path(tmp_path: Path) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
@@ -281,6 +305,14 @@ async def test_directory_fifo_and_missing_path(tmp_path: Path) -> None:
         assert str(err.value) == f"QMP monitor {path}: {reason}"
 
 
+@pytest.mark.fault(
+    "QMP: a monitor socket nobody listens on",
+    direction="qmp",
+    vm="n/a",
+    disk="n/a",
+    exit="QMPConnectionError raised (the CLI: exit 1)",
+    message="names the socket: connection refused",
+)
 async def test_socket_nobody_listens_on(tmp_path: Path) -> None:
     path = tmp_path / "dead.sock"
     sock = socket.socket(socket.AF_UNIX)
@@ -322,6 +354,14 @@ async def test_long_socket_path(tmp_path: Path) -> None:
                 assert (await monitor.execute("query-status")) == {"status": "running"}
 
 
+@pytest.mark.fault(
+    "QMP: a peer that accepts and never greets",
+    direction="qmp",
+    vm="n/a (a fake monitor)",
+    disk="n/a",
+    exit="QMPConnectionError raised (the CLI: exit 1)",
+    message="'no greeting' within the deadline",
+)
 async def test_peer_that_never_greets(tmp_path: Path) -> None:
     path = tmp_path / "silent.sock"
     with socket.socket(socket.AF_UNIX) as listener:
@@ -411,6 +451,14 @@ async def test_fake_monitor_round_trip() -> None:
         assert (await client.execute("query-status")) == {"status": "running"}
 
 
+@pytest.mark.fault(
+    "QMP: a monitor that sends bad JSON",
+    direction="qmp",
+    vm="n/a (a fake monitor)",
+    disk="n/a",
+    exit="QMPConnectionError raised (the CLI: exit 1)",
+    message="'not JSON', naming the socket",
+)
 async def test_bad_json() -> None:
     async with fake_monitor() as (client, fake):
         async with trio.open_nursery() as nursery:
@@ -443,6 +491,14 @@ async def test_bad_json() -> None:
         (b"\xff\xfe{}", "sent a line that is not JSON ("),
     ],
 )
+@pytest.mark.fault(
+    "QMP: a monitor that sends JSON that is not QMP",
+    direction="qmp",
+    vm="n/a (a fake monitor)",
+    disk="n/a",
+    exit="QMPConnectionError raised (the CLI: exit 1)",
+    message="says what the message lacks",
+)
 async def test_messages_that_are_not_qmp(line: bytes, reason: str) -> None:
     async with fake_monitor() as (client, fake), trio.open_nursery() as nursery:
 
@@ -456,6 +512,14 @@ async def test_messages_that_are_not_qmp(line: bytes, reason: str) -> None:
         assert str(err.value).startswith(f"QMP monitor fake: {reason}")
 
 
+@pytest.mark.fault(
+    "QMP: a monitor that sends a line of 100 MiB",
+    direction="qmp",
+    vm="n/a (a fake monitor)",
+    disk="n/a",
+    exit="QMPConnectionError raised (the CLI: exit 1)",
+    message="'longer than N bytes', without reading it all",
+)
 async def test_line_of_100_mib_is_refused_without_reading_it_all() -> None:
     bound = qmp.MAX_LINE
     assert bound == 16 * MIB
@@ -493,6 +557,14 @@ async def test_a_smaller_line_bound() -> None:
             await client.execute("b")
 
 
+@pytest.mark.fault(
+    "QMP: a monitor that closes mid-reply",
+    direction="qmp",
+    vm="n/a (a fake monitor)",
+    disk="n/a",
+    exit="QMPConnectionError raised (the CLI: exit 1)",
+    message="the monitor closed the connection",
+)
 async def test_eof_mid_reply() -> None:
     async with fake_monitor() as (client, fake), trio.open_nursery() as nursery:
         half = b'{"return": {"status": "running"}, "i'
@@ -544,6 +616,14 @@ async def test_greeting_that_is_not_qmp() -> None:
     )
 
 
+@pytest.mark.fault(
+    "QMP: a reply with an id never sent",
+    direction="qmp",
+    vm="n/a (a fake monitor)",
+    disk="n/a",
+    exit="QMPConnectionError raised (the CLI: exit 1)",
+    message="names the unknown id",
+)
 async def test_reply_with_unknown_id() -> None:
     async with fake_monitor() as (client, fake), trio.open_nursery() as nursery:
 
@@ -639,6 +719,14 @@ async def test_listener_ends_when_client_closes() -> None:
         assert got == []
 
 
+@pytest.mark.fault(
+    "QMP: a monitor that stalls",
+    direction="qmp",
+    vm="n/a (a fake monitor)",
+    disk="n/a",
+    exit="QMPConnectionError raised (the CLI: exit 1)",
+    message="no reply within the deadline; a late reply is dropped",
+)
 async def test_stalled_monitor_times_out_and_late_reply_is_dropped() -> None:
     async with fake_monitor() as (client, fake), trio.open_nursery() as nursery:
         start = time.monotonic()

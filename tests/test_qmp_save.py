@@ -229,11 +229,11 @@ def test_after_needs_qmp(tmp_path: Path) -> None:
 
 
 @pytest.mark.fault(
-    "migrate_cancel from elsewhere",
-    direction="save --qmp",
+    "save --qmp: migrate_cancel from elsewhere",
+    direction="qmp",
     vm="resumed, settings put back",
     disk="no image",
-    exit=1,
+    exit="1",
     message="QEMU's migration cancelled",
 )
 def test_migrate_cancel_from_elsewhere(qemu: str, tmp_path: Path) -> None:
@@ -258,11 +258,11 @@ def test_migrate_cancel_from_elsewhere(qemu: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.fault(
-    "the target fails mid-save",
-    direction="save --qmp",
+    "save --qmp: the target fails mid-save",
+    direction="qmp",
     vm="resumed, settings put back",
     disk="no image",
-    exit=1,
+    exit="1",
     message="the command's error",
 )
 @pytest.mark.parametrize("paused", [False, True], ids=["running", "paused"])
@@ -283,11 +283,11 @@ def test_failing_target_rolls_back(qemu: str, tmp_path: Path, paused: bool) -> N
 
 
 @pytest.mark.fault(
-    "QEMU killed mid-save",
-    direction="save --qmp",
+    "save --qmp: QEMU killed mid-save",
+    direction="qmp",
     vm="gone",
     disk="no image",
-    exit=1,
+    exit="1",
     message="the monitor closed, or the stream ended early",
 )
 def test_qemu_killed_mid_save(qemu: str, tmp_path: Path) -> None:
@@ -310,8 +310,8 @@ def test_qemu_killed_mid_save(qemu: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.fault(
-    "a signal mid-save",
-    direction="save --qmp",
+    "save --qmp: a signal mid-save",
+    direction="qmp",
     vm="resumed, settings put back",
     disk="no image",
     exit="128 + the signal",
@@ -433,11 +433,11 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.mark.root
 @pytest.mark.fault(
-    "disk full mid-save",
-    direction="save --qmp",
+    "save --qmp: disk full mid-save",
+    direction="qmp",
     vm="as it was, settings put back",
     disk="no image, no temporary",
-    exit=1,
+    exit="1",
     message="No space left on device",
 )
 @pytest.mark.parametrize("kind", ["file", "odirect"])
