@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import re
 import shlex
@@ -332,9 +333,36 @@ def run_virsh_save(work: Path, src_ram: Path, mem: int, c: Contender, qemu: str)
     return Run(seconds, None, residency(image))
 
 
-def run_virsh_restore(work: Path, src_ram: Path, c: Contender, verify: bool) -> Run:
+#: set by --dst-history: what the memory a restore's destination gets has been doing
+DST_HISTORY = "warm"
+#: free page reporting hands free memory back to the hypervisor in ~2 s; wait longer
+COLD_S = 8
+
+
+def dst_history(mem: int) -> None:
+    """Give every restore's destination memory of the same history, right before it
+    starts. On this machine (a guest whose balloon reports free memory to the host) the
+    first touch of memory freed > ~2 s earlier costs the host's faults too: a load into
+    anonymous memory took 1.5-2.0 s warm against 3.4-4.3 s cold (docs/performance.md,
+    "Why libvirt's restore loads faster"); otherwise it depends on what ran before.
+    warm: touch and free MEM + 256 MiB of anonymous memory (huge pages); cold: idle."""
+    if DST_HISTORY == "warm":
+        m = mmap.mmap(-1, (mem + 256) << 20, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        m.madvise(mmap.MADV_HUGEPAGE)
+        m.madvise(MADV_POPULATE_WRITE)
+        m.close()
+    elif DST_HISTORY == "cold":
+        time.sleep(COLD_S)
+
+
+MADV_POPULATE_WRITE = 23
+
+
+def run_virsh_restore(work: Path, src_ram: Path, mem: int, c: Contender,
+                      verify: bool) -> Run:
     image = work / (c.image or "img-virsh")
     cold_images(work)
+    dst_history(mem)
     try:
         seconds = virsh.restore(image)
         if verify and not virsh.copy_ram(virsh.qemu_pid(), src_ram, into_guest=False):
@@ -376,7 +404,7 @@ def run_restore(qemu: str, work: Path, src_ram: Path, mem: int, c: Contender,
     if c.alone is not None:
         return run_alone(work, mem, c)
     if c.virsh:
-        return run_virsh_restore(work, src_ram, c, verify)
+        return run_virsh_restore(work, src_ram, mem, c, verify)
     image = work / (c.image or "img")
     cpu = work / "cpu"
     cpu.unlink(missing_ok=True)
@@ -384,10 +412,11 @@ def run_restore(qemu: str, work: Path, src_ram: Path, mem: int, c: Contender,
     dst_ram.unlink(missing_ok=True)
     make_ram_file(dst_ram, mem, random=False)
     anon = DST_MEMORY == "anon"
+    cold_images(work)
+    dst_history(mem)
     with (AnonVM if anon else VM)(qemu, work, name="dst", mem_mib=mem, ram_file=dst_ram,
                                   incoming="defer") as vm:
         set_caps(vm, c)
-        cold_images(work)
         start = time.monotonic()
         vm.cmd("migrate-incoming", {"uri": c.uri(image, cpu)})
         status = vm.wait_incoming(timeout=600, poll=0.005)
@@ -548,7 +577,7 @@ def bench_version(version: str, qemu: str, args: argparse.Namespace) -> list[str
         skipped = (f" virsh contenders skipped: {VIRSH_SKIP}." if VIRSH_SKIP else
                    f" virsh contenders skipped: libvirt drives {virsh.SYSTEM_QEMU} only.")
     lines = [f"QEMU {v}. {cost} {load} Restore destinations' RAM: "
-             f"{DST_MEMORY_TEXT[DST_MEMORY]}.{skipped}", ""]
+             f"{DST_MEMORY_TEXT[DST_MEMORY]}, {DST_HISTORY} (--dst-history).{skipped}", ""]
     for what, runs, cs in (("save", save_runs, saves), ("restore", restore_runs, restores)):
         if not cs:
             continue
@@ -612,6 +641,10 @@ def main() -> None:
                    help="the restore destinations' RAM: anonymous, as libvirt's (default), "
                    "or the source's shape, a shared file on /dev/shm (4 KiB pages: loads "
                    "~2x slower)")
+    p.add_argument("--dst-history", choices=["warm", "cold", "as-is"], default="warm",
+                   help="right before each restore: touch and free MEM + 256 MiB (warm, "
+                   "the default), idle 8 s (cold), or neither (as-is): the memory a "
+                   "destination faults in then has the same history in every run")
     p.add_argument("--no-virsh", action="store_true",
                    help="leave out the virsh contenders (libvirtd is not started)")
     args = p.parse_args()
@@ -625,9 +658,10 @@ def main() -> None:
     if not set(args.variant_schemes) <= {"odirect", "file"}:
         sys.exit(f"bench.py: --variant-schemes {','.join(args.variant_schemes)}: "
                  "odirect and file only")
-    global DROP_ALL, DST_MEMORY, VIRSH_SKIP
+    global DROP_ALL, DST_MEMORY, DST_HISTORY, VIRSH_SKIP
     DROP_ALL = args.drop_caches
     DST_MEMORY = args.dst_memory
+    DST_HISTORY = args.dst_history
     if os.geteuid() != 0:
         sys.exit("bench.py: needs root (QEMU with KVM, /dev/shm, drop_caches)")
     libvirt = virsh.Libvirt()

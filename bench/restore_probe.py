@@ -26,6 +26,21 @@ Variants (each differs from ``baseline`` in what its name says):
   fd-pipe       as baseline, the stream handed over as libvirt does: a pipe grown to
                 1 MiB, its read end passed with getfd, migrate-incoming fd:NAME
   fd-pipe-64k   as fd-pipe with the default 64 KiB pipe
+  anon-S, anon-sandbox, anon-nodump, anon-misc
+                as anon, plus a piece of libvirt's command line (-S; -sandbox; the machine's
+                dump-guest-core=off; the rest) — a first bisection, run with --only
+  anon-fd, anon-fd-64k
+                as fd-pipe and fd-pipe-64k on anonymous memory
+  anon-warm     as anon; right before migrate-incoming 2.25 GiB of anonymous memory is
+                touched and freed (the memory QEMU then faults in is still host-backed)
+  anon-cold     as anon; 8 s idle before migrate-incoming (the guest's free memory has
+                been reported to the host by then: virtio-balloon free page reporting)
+  baseline-warm as baseline, warmed like anon-warm
+  shm-fallocate as baseline; the RAM file fallocate()d before migrate-incoming (its
+                pages allocated, not mapped; the time it takes is printed apart)
+  shm-fallocate-bg
+                as baseline; the same fallocate() in a thread started right after
+                migrate-incoming, while QEMU loads
   libvirt-cmd   libvirt 9.0's own command line for the same domain (pc-i440fx-7.2,
                 memory-backend-ram, -overcommit, -sandbox, ...) with exec:cat STREAM
                 (the sandbox with spawn=allow: libvirt's spawn=deny forbids exec:)
@@ -38,10 +53,12 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import mmap
 import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +87,10 @@ class Variant:
     wrapper: list[str] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)  # more QEMU arguments
     machine: str = ""  # more -machine options
+    #: right before migrate-incoming: "warm" touches and frees MEM + 256 MiB of
+    #: anonymous memory (the guest's free memory then is still backed by the host);
+    #: "cold" idles 8 s (long enough for free page reporting to hand it back)
+    before: str = ""
 
 
 VARIANTS = [
@@ -90,6 +111,11 @@ VARIANTS = [
                    "-name", "guest=vmtprobe,debug-threads=on"]),
     Variant("anon-fd", backend="ram", handover="fd"),
     Variant("anon-fd-64k", backend="ram", handover="fd", pipe_size=64 << 10),
+    Variant("anon-warm", backend="ram", before="warm"),
+    Variant("anon-cold", backend="ram", before="cold"),
+    Variant("baseline-warm", before="warm"),
+    Variant("shm-fallocate", before="fallocate"),
+    Variant("shm-fallocate-bg", before="fallocate-bg"),
     Variant("libvirt-cmd", backend="ram", libvirt_cmd=True),
     Variant("libvirt-all", backend="ram", libvirt_cmd=True, handover="fd"),
 ]
@@ -135,6 +161,23 @@ class Dest(VM):
                 "-msg", "timestamp=on"]  # fmt: skip
 
 
+def allocate(path: Path) -> None:
+    """Allocate every page of the (tmpfs) RAM file without writing it: fallocate."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def warm(mib: int) -> None:
+    """Touch ``mib`` MiB of fresh anonymous memory, then free it."""
+    m = mmap.mmap(-1, mib * MIB, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.madvise(mmap.MADV_HUGEPAGE)
+    m.madvise(23)  # MADV_POPULATE_WRITE
+    m.close()
+
+
 def thp_mib(pid: int) -> int:
     kib = 0
     with open(f"/proc/{pid}/smaps_rollup") as f:
@@ -160,6 +203,7 @@ class Run:
     thp_mib: int
     cpu: float = 0.0  # QEMU's CPU seconds during the load
     faults: int = 0  # QEMU's minor page faults during the load
+    pre: float = 0.0  # seconds spent before migrate-incoming (fallocate)
 
 
 def restore(qemu: str, work: Path, stream: Path, v: Variant, mem: int,
@@ -183,10 +227,26 @@ def restore(qemu: str, work: Path, stream: Path, v: Variant, mem: int,
             uri = "fd:migfd"
         else:
             uri = f"exec:cat {stream}"
+        pre = 0.0
+        background: threading.Thread | None = None
+        if v.before == "warm":
+            warm(mem + 256)
+        elif v.before == "cold":
+            time.sleep(8)
+        elif v.before == "fallocate":
+            t = time.monotonic()
+            allocate(dst_ram)
+            pre = time.monotonic() - t
+        elif v.before == "fallocate-bg":
+            background = threading.Thread(target=allocate, args=(dst_ram,))
         cpu0, flt0 = proc_stat(vm.pid)
         t = time.monotonic()
         vm.cmd("migrate-incoming", {"uri": uri})
+        if background is not None:
+            background.start()
         status = vm.wait_incoming(timeout=600, poll=0.005)
+        if background is not None:
+            background.join()
         seconds = time.monotonic() - t
         cpu1, flt1 = proc_stat(vm.pid)
         if status not in ("prelaunch", "paused"):
@@ -198,7 +258,7 @@ def restore(qemu: str, work: Path, stream: Path, v: Variant, mem: int,
             if not files_equal(verify, dst_ram):
                 raise SystemExit(f"{v.name}: destination RAM differs from the source's")
     dst_ram.unlink(missing_ok=True)
-    return Run(seconds, startup, thp, cpu1 - cpu0, flt1 - flt0)
+    return Run(seconds, startup, thp, cpu1 - cpu0, flt1 - flt0, pre)
 
 
 def main() -> None:
@@ -234,6 +294,7 @@ def main() -> None:
             runs[v.name].append(r)
             print(f"round {rnd + 1} {v.name:13} {r.seconds:6.2f} s  "
                   f"(QEMU CPU {r.cpu:.2f} s, {r.faults} faults; start-up {r.startup:.2f} s, "
+                  f"before {r.pre:.2f} s, "
                   f"THP {r.thp_mib} MiB)", flush=True)
     base = runs["baseline"]
     print("\n| variant | median s | GiB/s | paired baseline/this | QEMU CPU s | faults "
