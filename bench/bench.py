@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/bench.py [--mem-mib 2048] [--rounds 3] [--qemu 7.2,10.0]
         [--only STR,...] [--saves-only] [--variant NAME=PATH[:ENV=VAL,...]]... [--json FILE]
+        [--dst-memory anon|shm] [--dst-history warm|cold|as-is] [--no-virsh]
 
 Per QEMU version, every round runs each contender once, in turn (alternating, so drift
 hits all alike; each round starts one contender later than the one before, and the
@@ -31,6 +32,17 @@ variants (``--variant NAME=PATH[:ENV=VAL,...]``, repeatable): other vmtransports
          its own save wrote. With two or more, a table per direction compares them with
          the first, paired per round. ``--only variant`` leaves out the built-in rows
          (the limits, disk alone and, for restores, cat's bare stream still run).
+virsh:   ``virsh save --bypass-cache`` and ``virsh restore --bypass-cache --paused`` of a
+         real libvirtd (Debian's libvirt-daemon-system; started here without systemd if
+         none runs, and stopped again; see bench/virsh.py), on the system's QEMU only,
+         timed from the command until it returns; left out, with the reason printed,
+         when libvirt is not installed or --no-virsh.
+destinations: a restore's destination QEMU has anonymous RAM (``--dst-memory anon``,
+         as libvirt's domains) or a shared file on /dev/shm (``shm``, the source's shape:
+         4 KiB pages, ~2x slower to load); before it starts, MEM + 256 MiB of anonymous
+         memory is touched and freed (``--dst-history warm``) so that every destination
+         faults in memory of the same history (see docs/performance.md, "Why libvirt's
+         restore loads faster").
 both:    "disk alone" (no QEMU, always run, like the limits): the image's size written
          or read with O_DIRECT in 8 MiB requests from huge-page-backed memory, several
          in flight — what the disk itself does in that round. When it is slower than a
