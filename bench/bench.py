@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/bench.py [--mem-mib 2048] [--rounds 3] [--qemu 7.2,10.0]
         [--only STR,...] [--saves-only] [--variant NAME=PATH[:ENV=VAL,...]]... [--json FILE]
+        [--dst-memory anon|shm] [--dst-history warm|cold|as-is] [--no-virsh]
 
 Per QEMU version, every round runs each contender once, in turn (alternating, so drift
 hits all alike; each round starts one contender later than the one before, and the
@@ -31,6 +32,17 @@ variants (``--variant NAME=PATH[:ENV=VAL,...]``, repeatable): other vmtransports
          its own save wrote. With two or more, a table per direction compares them with
          the first, paired per round. ``--only variant`` leaves out the built-in rows
          (the limits, disk alone and, for restores, cat's bare stream still run).
+virsh:   ``virsh save --bypass-cache`` and ``virsh restore --bypass-cache --paused`` of a
+         real libvirtd (Debian's libvirt-daemon-system; started here without systemd if
+         none runs, and stopped again; see bench/virsh.py), on the system's QEMU only,
+         timed from the command until it returns; left out, with the reason printed,
+         when libvirt is not installed or --no-virsh.
+destinations: a restore's destination QEMU has anonymous RAM (``--dst-memory anon``,
+         as libvirt's domains) or a shared file on /dev/shm (``shm``, the source's shape:
+         4 KiB pages, ~2x slower to load); before it starts, MEM + 256 MiB of anonymous
+         memory is touched and freed (``--dst-history warm``) so that every destination
+         faults in memory of the same history (see docs/performance.md, "Why libvirt's
+         restore loads faster").
 both:    "disk alone" (no QEMU, always run, like the limits): the image's size written
          or read with O_DIRECT in 8 MiB requests from huge-page-backed memory, several
          in flight — what the disk itself does in that round. When it is slower than a
@@ -50,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import re
 import shlex
@@ -65,6 +78,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
+import virsh  # noqa: E402
 from qemuvm import VM, files_equal, find_qemus, make_ram_file, qemu_version  # noqa: E402
 
 from vmtransport.testing import cached_bytes  # noqa: E402
@@ -88,6 +102,9 @@ class Contender:
     limit: bool = False
     #: no QEMU: a command run on its own, timed from start to exit (image, MiB) -> argv
     alone: Callable[[Path, int], list[str]] | None = None
+    #: through libvirtd: `virsh save/restore --bypass-cache`, timed from the command to
+    #: its return (bench/virsh.py); only on the QEMU libvirt drives (the system's)
+    virsh: bool = False
 
 
 def timed(cmd: str, cpu: Path) -> str:
@@ -112,6 +129,8 @@ SAVES = [
     Contender("QEMU file: mapped-ram+multifd(2)+direct-io", lambda i, c: f"file:{i}",
               image="img-mapped", min_qemu=10, caps=MAPPED, params=MAPPED_PARAMS,
               helper=False),
+    Contender("virsh save --bypass-cache", lambda i, c: "", image="img-virsh", helper=False,
+              virsh=True),
     Contender("disk alone: O_DIRECT write, no QEMU", lambda i, c: "", image="img-disk",
               helper=False, alone=lambda i, mib: [*LIMITS.split(), "disk-write", str(i),
                                                   str((mib << 20) + (4 << 20))]),
@@ -137,6 +156,8 @@ RESTORES = [
     Contender("QEMU file: mapped-ram+multifd(2)+direct-io", lambda i, c: f"file:{i}",
               image="img-mapped", min_qemu=10, caps=MAPPED, params=MAPPED_PARAMS,
               helper=False),
+    Contender("virsh restore --bypass-cache", lambda i, c: "", image="img-virsh",
+              helper=False, virsh=True),
     Contender("disk alone: O_DIRECT read, no QEMU", lambda i, c: "", image="img-disk",
               helper=False, alone=lambda i, mib: [*LIMITS.split(), "disk-read", str(i)]),
 ]  # fmt: skip
@@ -297,9 +318,77 @@ def set_caps(vm: VM, c: Contender) -> None:
     vm.cmd("migrate-set-parameters", {"max-bandwidth": 100 * GIB, **c.params})
 
 
+class AnonVM(VM):
+    """A destination whose RAM is anonymous memory (``memory-backend-ram``), as libvirt's
+    default: QEMU madvises it MADV_HUGEPAGE, so the load faults in 2 MiB pages, where
+    a shared file on /dev/shm (shmem, huge pages off by default) takes 4 KiB faults —
+    see docs/performance.md, "Why libvirt's restore loads faster"."""
+
+    def args(self) -> list[str]:
+        ram = f"memory-backend-ram,id=mem,size={self.mem_mib}M"
+        return [ram if a.startswith("memory-backend-file,") else a for a in super().args()]
+
+
+#: set by --dst-memory: "anon" (AnonVM) or "shm" (VM: a shared file on /dev/shm)
+DST_MEMORY = "anon"
+DST_MEMORY_TEXT = {"anon": "anonymous (memory-backend-ram, as libvirt's)",
+                   "shm": "a shared file on /dev/shm (memory-backend-file,share=on)"}
+#: why the virsh contenders cannot run (set in main), None when they can
+VIRSH_SKIP: str | None = None
+
+
+def run_virsh_save(work: Path, src_ram: Path, mem: int, c: Contender, qemu: str) -> Run:
+    image = work / (c.image or "img-virsh")
+    virsh.start_source(qemu, mem, src_ram, work)
+    cold_images(work)
+    seconds = virsh.save(image)  # the transient domain is gone afterwards
+    return Run(seconds, None, residency(image))
+
+
+#: set by --dst-history: what the memory a restore's destination gets has been doing
+DST_HISTORY = "warm"
+#: free page reporting hands free memory back to the hypervisor in ~2 s; wait longer
+COLD_S = 8
+
+
+def dst_history(mem: int) -> None:
+    """Give every restore's destination memory of the same history, right before it
+    starts. On this machine (a guest whose balloon reports free memory to the host) the
+    first touch of memory freed > ~2 s earlier costs the host's faults too: a load into
+    anonymous memory took 1.5-2.0 s warm against 3.4-4.3 s cold (docs/performance.md,
+    "Why libvirt's restore loads faster"); otherwise it depends on what ran before.
+    warm: touch and free MEM + 256 MiB of anonymous memory (huge pages); cold: idle."""
+    if DST_HISTORY == "warm":
+        m = mmap.mmap(-1, (mem + 256) << 20, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        m.madvise(mmap.MADV_HUGEPAGE)
+        m.madvise(MADV_POPULATE_WRITE)
+        m.close()
+    elif DST_HISTORY == "cold":
+        time.sleep(COLD_S)
+
+
+MADV_POPULATE_WRITE = 23
+
+
+def run_virsh_restore(work: Path, src_ram: Path, mem: int, c: Contender,
+                      verify: bool) -> Run:
+    image = work / (c.image or "img-virsh")
+    cold_images(work)
+    dst_history(mem)
+    try:
+        seconds = virsh.restore(image)
+        if verify and not virsh.copy_ram(virsh.qemu_pid(), src_ram, into_guest=False):
+            raise RuntimeError(f"{c.name}: restored RAM differs from the source")
+    finally:
+        virsh.destroy()
+    return Run(seconds, None, residency(image))
+
+
 def run_save(qemu: str, work: Path, src_ram: Path, mem: int, c: Contender) -> Run:
     if c.alone is not None:
         return run_alone(work, mem, c)
+    if c.virsh:
+        return run_virsh_save(work, src_ram, mem, c, qemu)
     image = work / (c.image or "none")
     cpu = work / "cpu"
     assert not image.exists(), "images are removed between rounds (see clear_images)"
@@ -326,23 +415,30 @@ def run_restore(qemu: str, work: Path, src_ram: Path, mem: int, c: Contender,
                 verify: bool) -> Run:
     if c.alone is not None:
         return run_alone(work, mem, c)
+    if c.virsh:
+        return run_virsh_restore(work, src_ram, mem, c, verify)
     image = work / (c.image or "img")
     cpu = work / "cpu"
     cpu.unlink(missing_ok=True)
     dst_ram = Path("/dev/shm/vmtbench-dst.ram")
     dst_ram.unlink(missing_ok=True)
     make_ram_file(dst_ram, mem, random=False)
-    with VM(qemu, work, name="dst", mem_mib=mem, ram_file=dst_ram, incoming="defer") as vm:
+    anon = DST_MEMORY == "anon"
+    cold_images(work)
+    dst_history(mem)
+    with (AnonVM if anon else VM)(qemu, work, name="dst", mem_mib=mem, ram_file=dst_ram,
+                                  incoming="defer") as vm:
         set_caps(vm, c)
-        cold_images(work)
         start = time.monotonic()
         vm.cmd("migrate-incoming", {"uri": c.uri(image, cpu)})
         status = vm.wait_incoming(timeout=600, poll=0.005)
         seconds = time.monotonic() - start
         if status not in ("prelaunch", "paused", "running"):
             raise RuntimeError(f"{c.name}: destination ended {status}")
+        if verify and anon and not virsh.copy_ram(vm.pid, src_ram, into_guest=False):
+            raise RuntimeError(f"{c.name}: restored RAM differs from the source")
     time.sleep(0.05)
-    if verify and not files_equal(src_ram, dst_ram):
+    if verify and not anon and not files_equal(src_ram, dst_ram):
         raise RuntimeError(f"{c.name}: restored RAM differs from the source")
     dst_ram.unlink(missing_ok=True)
     return Run(seconds, read_cpu(cpu) if c.helper else None, residency(image))
@@ -441,17 +537,22 @@ def bench_version(version: str, qemu: str, args: argparse.Namespace) -> list[str
     src_ram = Path("/dev/shm/vmtbench-src.ram")
     if not src_ram.exists() or src_ram.stat().st_size != args.mem_mib << 20:
         make_ram_file(src_ram, args.mem_mib, random=True)
+    # libvirt drives the system's QEMU only (its capabilities cache, its emulator path).
+    virsh_ok = VIRSH_SKIP is None and os.path.realpath(qemu) == virsh.SYSTEM_QEMU
+
+    def runnable(c: Contender) -> bool:
+        return major >= c.min_qemu and (virsh_ok or not c.virsh)
+
     def wanted(c: Contender) -> bool:
-        return major >= c.min_qemu and (c.limit or c.alone is not None or not args.only
-                                        or any(o in c.name for o in args.only.split(",")))
+        return runnable(c) and (c.limit or c.alone is not None or not args.only
+                                or any(o in c.name for o in args.only.split(",")))
 
     var_saves, var_restores = variant_contenders(args.variants, args.variant_schemes)
     all_restores = RESTORES + var_restores
     restores = [c for c in all_restores if wanted(c)] if not args.saves_only else []
     # A restore reads what a save contender wrote; the limit reads cat's bare stream.
     needed = {c.image for c in restores} | ({"img-cat"} if restores else set())
-    saves = [c for c in SAVES + var_saves
-             if wanted(c) or (major >= c.min_qemu and c.image in needed)]
+    saves = [c for c in SAVES + var_saves if wanted(c) or (runnable(c) and c.image in needed)]
     save_runs: dict[str, list[Run]] = {c.name: [] for c in saves}
     cost = "(no bare stream saved: validation cost not measured)"
     restore_runs: dict[str, list[Run]] = {c.name: [] for c in restores}
@@ -483,7 +584,12 @@ def bench_version(version: str, qemu: str, args: argparse.Namespace) -> list[str
                     "load": [load_start, load_end]}
     load = (f"Load average (1, 5, 15 min) at the start {fmt_load(load_start)}, "
             f"at the end {fmt_load(load_end)}.")
-    lines = [f"QEMU {v}. {cost} {load}", ""]
+    skipped = ""
+    if not virsh_ok and any(c.virsh for c in SAVES + RESTORES if major >= c.min_qemu):
+        skipped = (f" virsh contenders skipped: {VIRSH_SKIP}." if VIRSH_SKIP else
+                   f" virsh contenders skipped: libvirt drives {virsh.SYSTEM_QEMU} only.")
+    lines = [f"QEMU {v}. {cost} {load} Restore destinations' RAM: "
+             f"{DST_MEMORY_TEXT[DST_MEMORY]}, {DST_HISTORY} (--dst-history).{skipped}", ""]
     for what, runs, cs in (("save", save_runs, saves), ("restore", restore_runs, restores)):
         if not cs:
             continue
@@ -543,6 +649,16 @@ def main() -> None:
                    help="the variants' target schemes, comma-separated (default: odirect)")
     p.add_argument("--drop-caches", action="store_true",
                    help="drop the whole page cache before each run, not only the images'")
+    p.add_argument("--dst-memory", choices=sorted(DST_MEMORY_TEXT), default="anon",
+                   help="the restore destinations' RAM: anonymous, as libvirt's (default), "
+                   "or the source's shape, a shared file on /dev/shm (4 KiB pages: loads "
+                   "~2x slower)")
+    p.add_argument("--dst-history", choices=["warm", "cold", "as-is"], default="warm",
+                   help="right before each restore: touch and free MEM + 256 MiB (warm, "
+                   "the default), idle 8 s (cold), or neither (as-is): the memory a "
+                   "destination faults in then has the same history in every run")
+    p.add_argument("--no-virsh", action="store_true",
+                   help="leave out the virsh contenders (libvirtd is not started)")
     args = p.parse_args()
     try:
         args.variants = [parse_variant(v) for v in args.variant]
@@ -554,10 +670,30 @@ def main() -> None:
     if not set(args.variant_schemes) <= {"odirect", "file"}:
         sys.exit(f"bench.py: --variant-schemes {','.join(args.variant_schemes)}: "
                  "odirect and file only")
-    global DROP_ALL
+    global DROP_ALL, DST_MEMORY, DST_HISTORY, VIRSH_SKIP
     DROP_ALL = args.drop_caches
+    DST_MEMORY = args.dst_memory
+    DST_HISTORY = args.dst_history
     if os.geteuid() != 0:
         sys.exit("bench.py: needs root (QEMU with KVM, /dev/shm, drop_caches)")
+    libvirt = virsh.Libvirt()
+    if args.no_virsh:
+        VIRSH_SKIP = "--no-virsh"
+    elif args.only and "virsh" not in args.only:
+        VIRSH_SKIP = "not in --only"
+    else:
+        try:
+            libvirt.__enter__()
+        except (virsh.Unavailable, OSError) as exc:
+            VIRSH_SKIP = str(exc)
+            print(f"bench.py: virsh contenders skipped: {exc}", file=sys.stderr)
+    try:
+        run(args)
+    finally:
+        libvirt.__exit__(None, None, None)
+
+
+def run(args: argparse.Namespace) -> None:
     qemus = find_qemus()
     cold = "page cache dropped" if DROP_ALL else "images evicted from the page cache"
     lines = [f"`{' '.join(sys.argv)}` — {os.cpu_count()} cores, "
