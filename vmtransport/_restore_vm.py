@@ -57,6 +57,8 @@ FAIL_WAIT: Final = 10.0
 #: Seconds the image may still take to be read to its end after QEMU refused it (the
 #: error then names the image's damage, if any, rather than QEMU's refusal).
 VERIFY_WAIT: Final = 60.0
+#: Where a restore refused before QEMU got a byte leaves QEMU.
+UNTOUCHED: Final = "QEMU untouched: still waiting for a migration"
 #: Seconds QEMU may take to leave ``inmigrate`` once its migration completed.
 SETTLE_WAIT: Final = 10.0
 
@@ -66,7 +68,7 @@ class RestoreResult:
     """What :func:`restore_vm` restored, how fast, and in which state the VM ended."""
 
     uri: str
-    stats: PumpStats  #: stream bytes QEMU was given, and the pump's seconds
+    stats: PumpStats  #: bytes read from ``uri`` (an image's header too), the pump's seconds
     recorded: str  #: the run state the image recorded ("" if none)
     recorded_by: str  #: where: "vm" (a --qmp save's metadata), "stream" (globalstate), ""
     state: str  #: what was asked: "running", "paused", or "" (as recorded)
@@ -222,9 +224,13 @@ async def _restore(
         if isinstance(transport, Transport):
             threaded = await trio.to_thread.run_sync(transport.open_threaded_source)
             pipeline.source = threaded if threaded is not None else await transport.open_source()
-    except BaseException:
+    except BaseException as exc:
         sink.abort()
         session.close_r()
+        if isinstance(exc, VMTransportError) and len(exc.args) == 1:
+            exc.args = (f"{exc.args[0]} ({UNTOUCHED})",)
+        if report is not None:
+            report(UNTOUCHED)
         raise
     if on_progress is not None:
         pipeline.on_progress(on_progress)
@@ -306,38 +312,43 @@ class _Session:
             finally:
                 pump_done.set()
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump)
-            try:
-                async with trio.open_nursery() as first:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump)
+                try:
+                    async with trio.open_nursery() as first:
 
-                    async def ended() -> None:
-                        await pump_done.wait()
-                        first.cancel_scope.cancel()
+                        async def ended() -> None:
+                            await pump_done.wait()
+                            first.cancel_scope.cancel()
 
-                    async def ready() -> None:
-                        await wanted.wait()
-                        first.cancel_scope.cancel()
+                        async def ready() -> None:
+                            await wanted.wait()
+                            first.cancel_scope.cancel()
 
-                    first.start_soon(ended)
-                    first.start_soon(ready)
-                if wanted.is_set():
-                    await self._hand_over()
-                    info = await self._follow(pump_done)
-                await pump_done.wait()
-                if self.pump_error is not None:
-                    raise self.pump_error
-                if not info:  # a stream with nothing for QEMU cannot be; be safe
-                    raise MigrationError(f"QMP monitor {self.client.monitor}: no stream sent")
-            except BaseException as exc:
-                error = exc  # kept: out of a nursery it would come wrapped in a group
-                nursery.cancel_scope.cancel()
-            finally:
-                self.sink.close()
+                        first.start_soon(ended)
+                        first.start_soon(ready)
+                    if wanted.is_set():
+                        await self._hand_over()
+                        info = await self._follow(pump_done)
+                    await pump_done.wait()
+                    if self.pump_error is not None:
+                        raise self.pump_error
+                    if not info:  # a stream with nothing for QEMU cannot be; be safe
+                        raise MigrationError(f"{self.client.monitor}: QEMU was sent nothing")
+                except BaseException as exc:
+                    error = exc  # kept: out of a nursery it would come wrapped in a group
+                    nursery.cancel_scope.cancel()
+                finally:
+                    self.sink.close()
+        except BaseException as exc:
+            # The pump task's own Cancelled when the whole run was cancelled.
+            error = error or exc
         if error is not None:
             with trio.CancelScope(shield=True):
                 await self._unwind()
-            if self.pump_error is not None and not isinstance(error, Interrupted | trio.Cancelled):
+            cancelled = isinstance(error, Interrupted | trio.Cancelled)
+            if self.pump_error is not None and not cancelled:
                 # The image's own damage, not what it did to QEMU (a broken pipe, a
                 # monitor that closed as QEMU exited).
                 error = self.pump_error
@@ -419,7 +430,7 @@ class _Session:
                         pass
                 if not self.incoming:
                     await self.settings.restore()
-                    outcome = "QEMU untouched: still waiting for a migration"
+                    outcome = UNTOUCHED
                 else:
                     outcome = await self._failed_load()
             except QMPConnectionError:
