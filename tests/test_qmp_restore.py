@@ -61,12 +61,18 @@ def source_vm(qemu: str, tmp: Path, *, paused: bool) -> Iterator[tuple[VM, str]]
 
 @contextmanager
 def destination(
-    qemu: str, tmp: Path, *, name: str = "dst", stopped: bool = False, bios: bool = True
+    qemu: str,
+    tmp: Path,
+    *,
+    name: str = "dst",
+    stopped: bool = False,
+    bios: bool = True,
+    mem_mib: int = MEM_MIB,
 ) -> Iterator[tuple[VM, str]]:
     """A QEMU started with ``-incoming defer`` (and ``-S`` if ``stopped``), zeroed RAM."""
     ram = tmp / f"{name}.ram"
     ram.unlink(missing_ok=True)
-    make_ram_file(ram, MEM_MIB, random=False)
+    make_ram_file(ram, mem_mib, random=False)
     sock = _sock(name)
     args = ["-qmp", f"unix:{sock},server=on,wait=off", *(halt_bios(tmp) if bios else [])]
     try:
@@ -74,7 +80,7 @@ def destination(
             qemu,
             tmp,
             name=name,
-            mem_mib=MEM_MIB,
+            mem_mib=mem_mib,
             ram_file=ram,
             paused=stopped,
             incoming="defer",
@@ -164,23 +170,27 @@ def test_exec_image_restores_through_qmp(qemu: str, tmp_path: Path, saved: Saved
             )
 
 
-@pytest.mark.parametrize("option", ["", "--paused"])
-def test_exec_save_of_a_running_vm_through_qmp(qemu: str, tmp_path: Path, option: str) -> None:
+def test_exec_save_of_a_running_vm_through_qmp(qemu: str, tmp_path: Path) -> None:
     """A live exec: save of a running VM records ``running`` in its stream: QEMU without
-    -S starts it by itself on load; ``--paused`` stops it again, at once."""
+    -S starts it by itself on load, with -S restore_vm does; ``--paused`` stops it
+    again at once, or never starts it."""
     image = tmp_path / "live.img"
     with source_vm(qemu, tmp_path, paused=False) as (vm, _):
         vm.migrate(f"exec:{VMT} save file:{image} 2>{tmp_path / 'save.err'}")
         assert vm.wait_migration(timeout=TIMEOUT)["status"] == "completed"
         assert (tmp_path / "save.err").read_text() == ""
         src_ram = vm.ram_file
-        with destination(qemu, tmp_path) as (dst, dsock):
-            args = ["-v", "restore", "--qmp", dsock, f"file:{image}", *filter(None, [option])]
-            result = vmt_qmp(*args)
-            assert result.returncode == 0, result.stderr
-            assert "recorded running" in result.stderr
-            assert dst.status() == ("paused" if option else "running")
-            assert files_equal(src_ram, dst.ram_file), describe_difference(src_ram, dst.ram_file)
+        for stopped in (False, True):
+            for option, expected in [("", "running"), ("--paused", "paused")]:
+                with destination(qemu, tmp_path, stopped=stopped) as (dst, dsock):
+                    args = ["-v", "restore", "--qmp", dsock, f"file:{image}"]
+                    result = vmt_qmp(*args, *filter(None, [option]))
+                    assert result.returncode == 0, result.stderr
+                    assert "recorded running" in result.stderr
+                    assert dst.status() == expected, (stopped, option)
+                    assert files_equal(src_ram, dst.ram_file), describe_difference(
+                        src_ram, dst.ram_file
+                    )
 
 
 def test_api_restore_vm(qemu: str, tmp_path: Path) -> None:
@@ -243,8 +253,29 @@ def test_damaged_image_never_runs(qemu: str, tmp_path: Path, saved: Saved, how: 
         assert line.startswith(f"vmtransport: error: file:{bad}: {cause}"), line
         assert "Broken pipe" not in line
         assert line.endswith("the VM never ran)"), line
-        fate = never_ran(dst)
-    assert fate == "exit 1" or fate == "inmigrate", fate
+        assert line.endswith(" (QEMU exited; the VM never ran)"), line
+        # QEMU's policy for a failed incoming migration: it exits.
+        assert never_ran(dst) == "exit 1"
+
+
+@pytest.mark.fault(
+    "restore --qmp: QEMU refuses the stream (a destination of another RAM size)",
+    direction="qmp",
+    vm="never runs (QEMU exits)",
+    disk="-",
+    exit="1",
+    message="the image ... its checksum holds, so the consumer refused it (QEMU: see its log)",
+)
+def test_qemu_refuses_the_stream(qemu: str, tmp_path: Path, saved: Saved) -> None:
+    with destination(qemu, tmp_path, bios=False, mem_mib=2 * MEM_MIB) as (dst, dsock):
+        result = vmt_qmp("restore", "--qmp", dsock, f"file:{saved.image}")
+        assert result.returncode == 1
+        line = one_error_line(result.stderr)
+        assert line.startswith(f"vmtransport: error: file:{saved.image}: the consumer "), line
+        assert "its checksum holds, so the consumer refused it (QEMU: see its log)" in line
+        assert line.endswith(" (QEMU exited; the VM never ran)"), line
+        assert never_ran(dst) == "exit 1"
+        assert "Size mismatch: mem: " in dst.log(), dst.log()  # QEMU's own reason
 
 
 @pytest.mark.fault(
