@@ -24,6 +24,7 @@ from qmp_vms import destination, qmp_socket, source_vm
 
 import vmtransport
 from vmtransport import qmp
+from vmtransport.image._libvirt import build_libvirt_header
 
 pytestmark = pytest.mark.qemu
 TIMEOUT = 120
@@ -131,6 +132,22 @@ def test_exec_save_of_a_running_vm_through_qmp(qemu: str, tmp_path: Path) -> Non
                     )
 
 
+def test_libvirt_image_through_qmp(qemu: str, tmp_path: Path, saved: Saved) -> None:
+    """A ``virsh save`` image: its header's was_running says what the VM was."""
+    for running, expected in [(True, "running"), (False, "prelaunch")]:
+        image = tmp_path / "lv.sav"
+        with open(image, "wb") as f:
+            f.write(build_libvirt_header("<domain><name>lv</name></domain>", was_running=running))
+            f.write(saved.cat.read_bytes())
+        with destination(qemu, tmp_path, bios=False) as (dst, dsock):
+            result = vmt_qmp("-v", "restore", "--qmp", dsock, f"file:{image}")
+            assert result.returncode == 0, result.stderr
+            assert f"recorded {'running' if running else 'paused'}, VM {expected}" in result.stderr
+            assert dst.status() == expected
+            if not running:  # (a running one runs SeaBIOS, which writes RAM)
+                assert files_equal(saved.src_ram, dst.ram_file)
+
+
 def test_api_restore_vm(qemu: str, tmp_path: Path) -> None:
     image = tmp_path / "x.img"
     with source_vm(qemu, tmp_path, paused=False) as (_, sock):
@@ -228,12 +245,15 @@ def test_refused_image_leaves_qemu_waiting(qemu: str, tmp_path: Path, saved: Sav
     damage(saved, "partial", tmp_path / "partial.img")
     damage(saved, "header-flip", tmp_path / "header.img")
     (tmp_path / "text").write_text("hello\n" * 1000)
+    sparse = build_libvirt_header("<domain/>", was_running=True, format="sparse")
+    (tmp_path / "sparse.sav").write_bytes(sparse + saved.cat.read_bytes())
     with destination(qemu, tmp_path, bios=False) as (dst, dsock):
         for name, says in [
             ("partial.img", "the image is partial"),
             ("header.img", "CRC"),
             ("text", "neither a QEMU migration stream"),
             ("missing", "No such file"),
+            ("sparse.sav", "'sparse' (mapped-ram) images are not supported"),
         ]:
             result = vmt_qmp("restore", "--qmp", dsock, f"file:{tmp_path / name}")
             assert result.returncode == 1, (name, result.stderr)
@@ -249,7 +269,7 @@ def test_refused_image_leaves_qemu_waiting(qemu: str, tmp_path: Path, saved: Sav
 
 
 @pytest.mark.fault(
-    "restore --qmp: QEMU not waiting for a migration (running, or loading already)",
+    "restore --qmp: QEMU not waiting for a migration (running, -incoming exec:, loaded)",
     direction="qmp",
     vm="untouched",
     disk="-",
@@ -265,6 +285,17 @@ def test_qemu_not_waiting(qemu: str, tmp_path: Path, saved: Saved) -> None:
             "migration (start it with -incoming defer)\n"
         )
         assert vm.status() == "running"
+    bsock = qmp_socket("busy")
+    args = ["-qmp", f"unix:{bsock},server=on,wait=off"]
+    with VM(qemu, tmp_path, name="busy", incoming="exec:sleep 60", extra_args=args) as busy:
+        # Waiting, but for a migration of its own (QEMU 10.0 reports it as set up).
+        result = vmt_qmp("restore", "--qmp", bsock, f"file:{saved.image}")
+        assert result.returncode == 2
+        line = one_error_line(result.stderr)
+        assert "(start it with -incoming defer)" in line, line
+        assert busy.status() == "inmigrate"
+        busy.kill()
+    os.unlink(bsock)
     with destination(qemu, tmp_path, bios=False) as (_, dsock):
         assert vmt_qmp("restore", "--qmp", dsock, f"file:{saved.image}").returncode == 0
         result = vmt_qmp("restore", "--qmp", dsock, f"file:{saved.image}")

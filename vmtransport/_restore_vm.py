@@ -70,7 +70,9 @@ class RestoreResult:
     uri: str
     stats: PumpStats  #: bytes read from ``uri`` (an image's header too), the pump's seconds
     recorded: str  #: the run state the image recorded ("" if none)
-    recorded_by: str  #: where: "vm" (a --qmp save's metadata), "stream" (globalstate), ""
+    #: where: "vm" (a --qmp save's metadata), "libvirt" (its header's was_running),
+    #: "stream" (the stream's globalstate), or ""
+    recorded_by: str
     state: str  #: what was asked: "running", "paused", or "" (as recorded)
     runstate: str  #: the VM's run state at the end: "running", "paused", "prelaunch"...
     image: Mapping[str, Any] = field(default_factory=dict)  #: the image's metadata
@@ -131,8 +133,12 @@ class _HandOver(Sink):
 
 def recorded_runstate(pipeline: RestorePipeline) -> tuple[str, str]:
     """(run state, where it was found) of what the restore read: a ``--qmp`` save's
-    ``vm.runstate`` (the VM before the save stopped it), else the stream's globalstate."""
+    ``vm.runstate`` (the VM before the save stopped it), a libvirt image's
+    ``was_running`` (likewise: ``virsh save`` stops the VM first), else the stream's
+    globalstate."""
     reader = pipeline.reader
+    if reader.libvirt is not None:
+        return ("running" if reader.libvirt.was_running else "paused"), "libvirt"
     if reader.header is not None:
         vm = reader.header.metadata.get("vm")
         state = vm.get("runstate") if isinstance(vm, dict) else None
