@@ -190,7 +190,7 @@ def test_api_restore_vm(qemu: str, tmp_path: Path) -> None:
     "restore --qmp: a damaged image (payload byte flipped, truncated)",
     direction="qmp",
     vm="never runs (QEMU's load fails; QEMU exits)",
-    disk="-",
+    disk="image unchanged",
     exit="1",
     message="checksum mismatch / image truncated (the VM never ran)",
 )
@@ -217,7 +217,7 @@ def test_damaged_image_never_runs(qemu: str, tmp_path: Path, saved: Saved, how: 
     "restore --qmp: QEMU refuses the stream (a destination of another RAM size)",
     direction="qmp",
     vm="never runs (QEMU exits)",
-    disk="-",
+    disk="image unchanged",
     exit="1",
     message="the image ... its checksum holds, so the consumer refused it (QEMU: see its log)",
 )
@@ -237,7 +237,7 @@ def test_qemu_refuses_the_stream(qemu: str, tmp_path: Path, saved: Saved) -> Non
     "restore --qmp: an image refused before its first byte (partial, bad header, missing)",
     direction="qmp",
     vm="untouched: still waiting (a good restore then works)",
-    disk="-",
+    disk="image unchanged",
     exit="1",
     message="why the image is refused (QEMU untouched)",
 )
@@ -272,7 +272,7 @@ def test_refused_image_leaves_qemu_waiting(qemu: str, tmp_path: Path, saved: Sav
     "restore --qmp: QEMU not waiting for a migration (running, -incoming exec:, loaded)",
     direction="qmp",
     vm="untouched",
-    disk="-",
+    disk="image unchanged",
     exit="2",
     message="QEMU is running, not waiting for a migration (start it with -incoming defer)",
 )
@@ -306,16 +306,17 @@ def test_qemu_not_waiting(qemu: str, tmp_path: Path, saved: Saved) -> None:
 @pytest.mark.fault(
     "restore --qmp: a monitor that is not QEMU's (a plain file, a socket that never greets)",
     direction="qmp",
-    vm="-",
-    disk="-",
+    vm="n/a",
+    disk="n/a",
     exit="1",
     message="QMP monitor PATH: not a socket / sent no QMP greeting within 10 s",
 )
-def test_not_a_monitor(tmp_path: Path, saved: Saved) -> None:
+def test_not_a_monitor(tmp_path: Path) -> None:
+    image = tmp_path / "x.img"  # never opened: the monitor fails first
     plain = tmp_path / "plain"
     plain.write_text("")
     start = time.monotonic()
-    result = vmt_qmp("restore", "--qmp", str(plain), f"file:{saved.image}")
+    result = vmt_qmp("restore", "--qmp", str(plain), f"file:{image}")
     assert time.monotonic() - start < 10
     assert (result.returncode, result.stderr) == (
         1,
@@ -327,7 +328,7 @@ def test_not_a_monitor(tmp_path: Path, saved: Saved) -> None:
         mute.listen()
         try:
             start = time.monotonic()
-            result = vmt_qmp("restore", "--qmp", path, f"file:{saved.image}")
+            result = vmt_qmp("restore", "--qmp", path, f"file:{image}")
             assert time.monotonic() - start < 20
         finally:
             os.unlink(path)
@@ -341,7 +342,7 @@ def test_not_a_monitor(tmp_path: Path, saved: Saved) -> None:
     "restore --qmp: a signal mid-restore",
     direction="qmp",
     vm="never runs (QEMU's load fails; QEMU exits)",
-    disk="-",
+    disk="image unchanged",
     exit="128 + the signal",
     message="interrupted by SIG... (QEMU exited; the VM never ran)",
 )
