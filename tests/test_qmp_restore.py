@@ -369,6 +369,35 @@ def test_signal_mid_restore(qemu: str, tmp_path: Path, saved: Saved, sig: signal
         assert never_ran(dst) == "exit 1"
 
 
+@pytest.mark.fault(
+    "restore --qmp: QEMU killed mid-restore",
+    direction="qmp",
+    vm="gone",
+    disk="image unchanged",
+    exit="1",
+    message="the consumer stopped reading ... its checksum holds (QEMU exited; the VM never ran)",
+)
+def test_qemu_killed_mid_restore(qemu: str, tmp_path: Path, saved: Saved) -> None:
+    half = saved.image.stat().st_size // 2
+    uri = f"exec:head -c {half} {saved.image}; sleep 3; tail -c +{half + 1} {saved.image}"
+    with destination(qemu, tmp_path, bios=False) as (dst, dsock):
+        with subprocess.Popen(
+            [str(VMT), "restore", "--qmp", dsock, uri], stderr=subprocess.PIPE, text=True
+        ) as proc:
+            deadline = time.monotonic() + 30
+            while dst.query_migrate().get("status") != "active":
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+                time.sleep(0.02)
+            dst.kill()
+            _, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 1, err
+    line = one_error_line(err)
+    # The image was read to its end regardless: it is sound, QEMU went away.
+    assert line.startswith("vmtransport: error: exec:head "), line
+    assert "its checksum holds, so the consumer refused it" in line, line
+    assert line.endswith(" (QEMU exited; the VM never ran)"), line
+
+
 def test_state_needs_qmp(tmp_path: Path) -> None:
     result = vmt_qmp("restore", f"file:{tmp_path / 'x'}", "--paused")
     assert result.returncode == 2

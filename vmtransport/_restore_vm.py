@@ -282,15 +282,20 @@ class _Session:
         assert self.stats is not None
         client = self.client
         recorded, recorded_by = recorded_runstate(pipeline)
-        runstate = await _settled(client)
-        run = state == "running" if state is not None else recorded == "running"
-        if run and runstate != "running":
-            await client.execute("cont")
-        elif not run and runstate == "running":
-            # QEMU started it itself: no -S, and the stream said running.
-            await client.execute("stop")
-        await self.settings.restore()
-        runstate = str((await client.execute("query-status"))["status"])
+        try:
+            runstate = await _settled(client)
+            run = state == "running" if state is not None else recorded == "running"
+            if run and runstate != "running":
+                await client.execute("cont")
+            elif not run and runstate == "running":
+                # QEMU started it itself: no -S, and the stream said running.
+                await client.execute("stop")
+            await self.settings.restore()
+            runstate = str((await client.execute("query-status"))["status"])
+        except BaseException:
+            if self.report is not None:
+                self.report("the VM is loaded, its run state as QEMU reports it")
+            raise
         header = pipeline.reader.header
         return RestoreResult(
             uri,
@@ -354,10 +359,11 @@ class _Session:
             with trio.CancelScope(shield=True):
                 await self._unwind()
             cancelled = isinstance(error, Interrupted | trio.Cancelled)
-            if self.pump_error is not None and not cancelled:
+            damage = self.pump_error
+            if damage is not None and not cancelled and not isinstance(damage, Interrupted):
                 # The image's own damage, not what it did to QEMU (a broken pipe, a
                 # monitor that closed as QEMU exited).
-                error = self.pump_error
+                error = damage
             raise error
         return info
 
