@@ -35,8 +35,8 @@ DIRECTIONS = {
     "copy": "Copy: from one URI to another",
     "inspect/verify": "Inspect and verify",
     "cli": "The command line: arguments, URIs, descriptors",
-    # Issue 12's QMP client: the section appears once a test carries direction="qmp".
-    "qmp": "Hostile QMP peers",
+    # Issue 12: the QMP client, save --qmp, restore --qmp.
+    "qmp": "QMP: hostile peers, save --qmp and restore --qmp",
 }
 MAX_LISTED = 4  # parametrizations listed by id; more are counted
 
@@ -188,8 +188,8 @@ and when a fault that issue 11 lists has no row. To regenerate:
 .venv/bin/python scripts/reliability.py
 ```
 
-Directions: `save`, `restore`, `copy`, `inspect/verify`, `cli`, and `qmp`: the section on
-hostile QMP peers (issue 12) appears once a test carries `direction="qmp"`.
+Directions: `save`, `restore`, `copy`, `inspect/verify`, `cli`, and `qmp` (issue 12:
+hostile QMP peers, `save --qmp` and `restore --qmp`).
 """
 
 

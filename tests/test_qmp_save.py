@@ -7,7 +7,6 @@ parameters end as promised; a failed save leaves the VM as it was and no image.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import time
@@ -399,20 +398,6 @@ def test_api_with_an_open_client_and_its_events(qemu: str, tmp_path: Path) -> No
         statuses = [s for name, s in seen if name == "MIGRATION"]
         assert statuses[0] == "setup" and statuses[-1] == "completed", seen
         assert vm.status() == "running"
-
-
-def test_docs_examples_run(qemu: str, tmp_path: Path) -> None:
-    doc = (Path(__file__).parent.parent / "docs" / "qmp.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", doc, re.S)
-    assert len(blocks) == 2
-    image = tmp_path / "a.sav"
-    with source_vm(qemu, tmp_path, paused=False) as (vm, sock):
-        for block in blocks:
-            code = block.replace("/run/vm/qmp.sock", sock)
-            code = code.replace("/var/lib/vm/a.sav", str(image))
-            exec(compile(code, "docs/qmp.md", "exec"), {"__name__": "docs"})
-        assert vm.wait_exit(timeout=30) == 0  # the second example quits QEMU
-    assert image_metadata(image)["vm"]["runstate"] == "paused"  # the first one stopped it
 
 
 @pytest.fixture

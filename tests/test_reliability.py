@@ -68,14 +68,15 @@ def test_the_matrix_covers_the_issue(
 
 
 def test_a_direction_gets_its_section_once_a_test_carries_it() -> None:
-    """The hook for issue 12's hostile QMP peers: no section without a row, one with."""
+    """The hook for issue 12's QMP section: no section without a row, one with."""
     qmp = reliability.Marked(
         "tests/test_qmp.py::test_garbage[x]", ("monitor talks garbage",),
         {"direction": "qmp", "vm": "v", "disk": "d", "exit": "1", "message": "m"}, None,
     )  # fmt: skip
-    assert "## Hostile QMP peers" not in reliability.render([])
+    title = f"## {reliability.DIRECTIONS['qmp']}"
+    assert title not in reliability.render([])
     text = reliability.render([qmp])
-    assert "## Hostile QMP peers" in text
+    assert title in text
     row = "| monitor talks garbage | v | d | 1 | m | `tests/test_qmp.py::test_garbage` `[x]` |"
     assert row in text
     bad = reliability.Marked("t.py::t", ("f",), {"direction": "qmp", "vm": ""}, None)

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
         pump_blocking,
     )
     from ._registry import Registry, TransportInfo, get_registry
+    from ._restore_vm import RestoreResult, restore_vm
     from ._transport import SeekableSink, Sink, Source, ThreadedSource, Transport
     from ._uri import URI, parse_uri
     from ._usecases import (
@@ -76,6 +77,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "SaveResult": ("._orchestration", "SaveResult"),
     "VMFacts": ("._orchestration", "VMFacts"),
     "save_vm": ("._orchestration", "save_vm"),
+    "RestoreResult": ("._restore_vm", "RestoreResult"),
+    "restore_vm": ("._restore_vm", "restore_vm"),
     "PluginError": ("._errors", "PluginError"),
     "QMPConnectionError": ("._errors", "QMPConnectionError"),
     "QMPError": ("._errors", "QMPError"),
@@ -120,6 +123,7 @@ __all__ = [
     "QMPError",
     "Registry",
     "RestorePipeline",
+    "RestoreResult",
     "SavePipeline",
     "SaveResult",
     "SeekableSink",
@@ -149,6 +153,7 @@ __all__ = [
     "restore",
     "restore_fd",
     "restore_pipeline",
+    "restore_vm",
     "save",
     "save_fd",
     "save_pipeline",

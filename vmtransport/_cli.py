@@ -43,8 +43,30 @@ def _parser() -> argparse.ArgumentParser:
         choices=("pause", "resume", "quit"),
         help="with --qmp: what becomes of the VM once its image is complete (default: pause)",
     )
-    r = sub.add_parser("restore", help="write the stream at URI to stdout")
+    r = sub.add_parser(
+        "restore", help="write the stream at URI to stdout (or into the QEMU behind --qmp)"
+    )
     r.add_argument("uri", metavar="URI")
+    r.add_argument(
+        "--qmp",
+        metavar="SOCKET",
+        help="restore into the QEMU behind this QMP socket (started with -incoming defer)",
+    )
+    run = r.add_mutually_exclusive_group()
+    run.add_argument(
+        "--running",
+        dest="state",
+        action="store_const",
+        const="running",
+        help="with --qmp: run the VM afterwards, whatever the image recorded",
+    )
+    run.add_argument(
+        "--paused",
+        dest="state",
+        action="store_const",
+        const="paused",
+        help="with --qmp: leave the VM paused afterwards, whatever the image recorded",
+    )
     c = sub.add_parser("copy", help="copy the stream at SRC to DST")
     c.add_argument("src", metavar="SRC")
     c.add_argument("dst", metavar="DST")
@@ -154,6 +176,31 @@ def _save_vm(args: argparse.Namespace, verbose: bool) -> int:
     return 0
 
 
+def _restore_vm(args: argparse.Namespace, verbose: bool) -> int:
+    """``restore --qmp``: the API's restore_vm, under trio (signals cancel it)."""
+    from ._errors import Interrupted
+    from ._pipeline import run_trio
+    from ._restore_vm import restore_vm
+
+    outcome: list[str] = []
+    try:
+        result = run_trio(
+            lambda: restore_vm(args.qmp, args.uri, state=args.state, report=outcome.append)
+        )
+    except Interrupted as exc:
+        if not outcome or exc.signum is None:
+            raise
+        print(f"vmtransport: error: {exc} ({outcome[-1]})", file=sys.stderr)
+        return 128 + exc.signum
+    if verbose:
+        _log.logger().info(
+            "restored %s into %s: %d bytes in %.2f s (%.0f MiB/s); recorded %s, VM %s",
+            args.uri, args.qmp, result.bytes, result.seconds, result.mib_per_s,
+            result.recorded or "nothing", result.runstate,
+        )  # fmt: skip
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
     argv = list(argv if argv is not None else sys.argv[1:])
@@ -196,6 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _save_vm(args, verbose)
         if args.command == "save" and args.after is not None:
             raise UsageError("--after applies to a save with --qmp only")
+        if args.command == "restore" and args.qmp is not None:
+            return _restore_vm(args, verbose)
+        if args.command == "restore" and args.state is not None:
+            raise UsageError(f"--{args.state} applies to a restore with --qmp only")
         if args.command == "save":
             pipeline = _usecases.save_pipeline(args.uri, reader or 0, name=args.name)
             reader = None  # the pipeline's now

@@ -178,9 +178,20 @@ class FdSink(Sink):
     save. Either wait fails after :attr:`stall` seconds (:data:`DRAIN_STALL`) in which
     the consumer took nothing, and ends (Interrupted) when :meth:`cancel` is called.
     Other descriptors (ttys, character devices) are not checked.
+
+    ``lend``: lend pages to a pipe (vmsplice) when its reader is known to copy them
+    (QEMU reads with readv); None finds out for an ``exec:`` helper's stdout.
     """
 
-    def __init__(self, fd: int, label: str, *, close: bool = True, confirm: bool = False) -> None:
+    def __init__(
+        self,
+        fd: int,
+        label: str,
+        *,
+        close: bool = True,
+        confirm: bool = False,
+        lend: bool | None = None,
+    ) -> None:
         self.fd = fd
         self.label = label
         self._close = close
@@ -193,7 +204,7 @@ class FdSink(Sink):
         self.stall: float | None = DRAIN_STALL
         self.started = False  # a write began (some of it may have gone out)
         self._splice: _PageLender | None = None
-        if grow_pipe(fd) and _read_by_qemu(fd):
+        if grow_pipe(fd) and (_read_by_qemu(fd) if lend is None else lend):
             self._splice = _PageLender()
 
     def write(self, data: memoryview) -> None:

@@ -128,10 +128,18 @@ async def query_facts(client: QMPClient) -> VMFacts:
 
 
 class _Settings:
-    """The migration capabilities and parameters a save changes, and their old values."""
+    """The migration capabilities and parameters a save (or restore) changes, and their
+    old values. Every capability not in ``capabilities`` is switched off."""
 
-    def __init__(self, client: QMPClient) -> None:
+    def __init__(
+        self,
+        client: QMPClient,
+        capabilities: Mapping[str, bool] = WANTED_CAPABILITIES,
+        parameters: Mapping[str, Any] = WANTED_PARAMETERS,
+    ) -> None:
         self.client = client
+        self.wanted_capabilities = capabilities
+        self.wanted_parameters = parameters
         self.capabilities: dict[str, bool] = {}  # name -> value before
         self.parameters: dict[str, Any] = {}
 
@@ -140,14 +148,14 @@ class _Settings:
         change = []
         for cap in caps:
             name, state = cap["capability"], bool(cap["state"])
-            want = WANTED_CAPABILITIES.get(name, False)
+            want = self.wanted_capabilities.get(name, False)
             if state != want:
                 change.append({"capability": name, "state": want})
                 self.capabilities[name] = state
         params = await self.client.execute("query-migrate-parameters")
         if change:
             await self.client.execute("migrate-set-capabilities", {"capabilities": change})
-        wanted = {k: v for k, v in WANTED_PARAMETERS.items() if params.get(k) != v}
+        wanted = {k: v for k, v in self.wanted_parameters.items() if params.get(k) != v}
         if wanted:
             self.parameters = {k: params[k] for k in wanted}
             await self.client.execute("migrate-set-parameters", wanted)

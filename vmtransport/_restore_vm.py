@@ -1,0 +1,492 @@
+"""QMP-driven restores: what ``virsh restore`` does, into a QEMU started with
+``-incoming defer``.
+
+:func:`restore_vm` pumps the image through the very pipeline an ``exec:`` restore uses
+(:func:`~._usecases.restore_pipeline`: the verifying reader holds the device state
+back until the image's checksum holds), its output the write end of a pipe whose read
+end QEMU gets (``getfd`` + ``migrate-incoming fd:NAME``). QEMU is handed the pipe only
+when the first verified byte is ready: an image refused at its start (not an image, a
+partial one, a damaged setup, a missing file) leaves QEMU untouched, still waiting for
+a migration. A failure later cuts the stream short before QEMU's EOF marker, so QEMU's
+load fails (QEMU then exits: its policy for a failed incoming migration) and the VM
+never runs; the error is the pipeline's (the image's damage), not the broken pipe's.
+
+Once QEMU reports ``completed``, the VM runs or stays paused as the image recorded
+(``vm.runstate`` of a ``--qmp`` save, else the stream's own ``globalstate``), unless
+``state`` overrides it, as ``virsh restore --running/--paused`` do.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+import trio
+
+from . import _log
+from ._errors import (
+    Interrupted,
+    MigrationError,
+    QMPConnectionError,
+    QMPError,
+    UsageError,
+    VMTransportError,
+)
+from ._io import FdSink
+from ._orchestration import COMPLETION_WAIT, POLL_INTERVAL, _fdnames, _Settings
+from ._pipeline import Progress, PumpStats, StateEvent
+from ._registry import Registry
+from ._transport import Sink, Transport
+from ._usecases import RestorePipeline, restore_pipeline
+from .qmp import QMPClient, connect
+
+RunState = Literal["running", "paused"]
+STATES: Final = ("running", "paused")
+
+#: Capabilities a restore wants on; every other is off (a capability that changes the
+#: stream's format, mapped-ram or multifd, would make QEMU misread a plain stream).
+#: libvirt sets ``events`` alone too, and no migration parameter (a destination has
+#: none that matters to a plain stream).
+WANTED_CAPABILITIES: Final = {"events": True}
+#: Seconds QEMU may take, once its stream was cut short, to fail its load (and exit).
+FAIL_WAIT: Final = 10.0
+#: Seconds the image may still take to be read to its end after QEMU refused it (the
+#: error then names the image's damage, if any, rather than QEMU's refusal).
+VERIFY_WAIT: Final = 60.0
+#: Where a restore refused before QEMU got a byte leaves QEMU.
+UNTOUCHED: Final = "QEMU untouched: still waiting for a migration"
+#: Seconds QEMU may take to leave ``inmigrate`` once its migration completed.
+SETTLE_WAIT: Final = 10.0
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    """What :func:`restore_vm` restored, how fast, and in which state the VM ended."""
+
+    uri: str
+    stats: PumpStats  #: bytes read from ``uri`` (an image's header too), the pump's seconds
+    recorded: str  #: the run state the image recorded ("" if none)
+    #: where: "vm" (a --qmp save's metadata), "libvirt" (its header's was_running),
+    #: "stream" (the stream's globalstate), or ""
+    recorded_by: str
+    state: str  #: what was asked: "running", "paused", or "" (as recorded)
+    runstate: str  #: the VM's run state at the end: "running", "paused", "prelaunch"...
+    image: Mapping[str, Any] = field(default_factory=dict)  #: the image's metadata
+    migration: Mapping[str, Any] = field(default_factory=dict)  #: QEMU's final query-migrate
+
+    @property
+    def bytes(self) -> int:
+        return self.stats.bytes
+
+    @property
+    def seconds(self) -> float:
+        return self.stats.seconds
+
+    @property
+    def mib_per_s(self) -> float:
+        return self.stats.mib_per_s
+
+
+class _HandOver(Sink):
+    """The pipe to QEMU, whose first write waits until QEMU holds its read end (or the
+    restore gives up): so an image refused before its first verified byte never
+    touches QEMU."""
+
+    def __init__(self, inner: FdSink, wanted: Callable[[], None]) -> None:
+        self.inner = inner
+        self._wanted = wanted
+        self._go = threading.Event()
+        self._open = False
+        self.asked = False  # the pipeline has a first byte for QEMU
+
+    def open(self) -> None:
+        """QEMU reads the pipe: let the writes through (from the event loop)."""
+        self._open = True
+        self._go.set()
+
+    def close(self) -> None:
+        self._go.set()
+
+    def write(self, data: memoryview) -> None:
+        if not self.asked:
+            self.asked = True
+            self._wanted()
+            self._go.wait()
+        if not self._open:
+            raise Interrupted(f"{self.inner.label}: cancelled before QEMU took the stream")
+        self.inner.write(data)
+
+    def commit(self) -> None:
+        self.inner.commit()
+
+    def abort(self) -> None:
+        self.inner.abort()
+
+    def cancel(self) -> None:
+        self._go.set()
+        self.inner.cancel()
+
+
+def recorded_runstate(pipeline: RestorePipeline) -> tuple[str, str]:
+    """(run state, where it was found) of what the restore read: a ``--qmp`` save's
+    ``vm.runstate`` (the VM before the save stopped it), a libvirt image's
+    ``was_running`` (likewise: ``virsh save`` stops the VM first), else the stream's
+    globalstate."""
+    reader = pipeline.reader
+    if reader.libvirt is not None:
+        return ("running" if reader.libvirt.was_running else "paused"), "libvirt"
+    if reader.header is not None:
+        vm = reader.header.metadata.get("vm")
+        state = vm.get("runstate") if isinstance(vm, dict) else None
+        if isinstance(state, str) and state:
+            return state, "vm"
+    state = reader.parser.runstate
+    return (state, "stream") if state else ("", "")
+
+
+async def restore_vm(
+    monitor: QMPClient | str | os.PathLike[str],
+    uri: str,
+    *,
+    state: RunState | None = None,
+    registry: Registry | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    on_event: Callable[[StateEvent], None] | None = None,
+    report: Callable[[str], None] | None = None,
+) -> RestoreResult:
+    """Restore the image (or raw stream, or libvirt save image) at ``uri`` into the
+    QEMU behind QMP ``monitor`` (a connected client, or its socket's path), which must
+    wait for it: started with ``-incoming defer``, ``migrate-incoming`` not yet given.
+
+    The VM then runs if the image recorded a running VM, else stays paused; ``state``
+    (``"running"`` or ``"paused"``) overrides that. Capabilities changed for the restore
+    are put back. ``on_progress`` and ``on_event`` observe the pipeline (called from its
+    writer thread, as :meth:`Pipeline.on_progress` says).
+
+    Raises :class:`~vmtransport.UsageError` (bad ``state``; QEMU not waiting for an
+    incoming migration), the pipeline's errors (``StreamError`` for a damaged image,
+    :class:`~vmtransport.TransportError`), :class:`~vmtransport.MigrationError` (QEMU's
+    load failed), QMP errors. A failed or cancelled restore never lets the VM run; the
+    error's message ends with where it left QEMU, and ``report`` gets that too.
+    """
+    if state is not None and state not in STATES:
+        raise UsageError(f"state={state!r}: must be one of {', '.join(STATES)}")
+    if isinstance(monitor, QMPClient):
+        return await _restore(monitor, uri, state, registry, on_progress, on_event, report)
+    async with await connect(monitor) as client:
+        return await _restore(client, uri, state, registry, on_progress, on_event, report)
+
+
+async def _restore(
+    client: QMPClient,
+    uri: str,
+    state: RunState | None,
+    registry: Registry | None,
+    on_progress: Callable[[Progress], None] | None,
+    on_event: Callable[[StateEvent], None] | None,
+    report: Callable[[str], None] | None,
+) -> RestoreResult:
+    status = str((await client.execute("query-status"))["status"])
+    if status != "inmigrate":
+        raise UsageError(
+            f"QMP monitor {client.monitor}: QEMU is {status}, not waiting for a migration "
+            "(start it with -incoming defer)"
+        )
+    migration = (await client.execute("query-migrate")).get("status", "none")
+    if migration != "none":
+        raise UsageError(
+            f"QMP monitor {client.monitor}: QEMU's incoming migration is already {migration} "
+            "(start it with -incoming defer)"
+        )
+    token = trio.lowlevel.current_trio_token()
+    wanted = trio.Event()
+
+    def want() -> None:  # from the writer thread
+        try:
+            token.run_sync_soon(wanted.set)
+        except trio.RunFinishedError:
+            pass
+
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        # QEMU reads the pipe with readv, a copy: lending it our pages is safe.
+        out = FdSink(w, f"the migration stream to {client.monitor}", confirm=True, lend=True)
+    except BaseException:
+        os.close(r)
+        os.close(w)
+        raise
+    sink = _HandOver(out, want)
+    session = _Session(client, sink, r, report)
+    try:
+        pipeline = await trio.to_thread.run_sync(
+            lambda: restore_pipeline(uri, sink, registry=registry)
+        )
+        # Open the source now: a missing file fails here, QEMU untouched.
+        transport = pipeline.source
+        if isinstance(transport, Transport):
+            threaded = await trio.to_thread.run_sync(transport.open_threaded_source)
+            pipeline.source = threaded if threaded is not None else await transport.open_source()
+    except BaseException as exc:
+        sink.abort()
+        session.close_r()
+        if isinstance(exc, VMTransportError) and len(exc.args) == 1:
+            exc.args = (f"{exc.args[0]} ({UNTOUCHED})",)
+        if report is not None:
+            report(UNTOUCHED)
+        raise
+    if on_progress is not None:
+        pipeline.on_progress(on_progress)
+    if on_event is not None:
+        pipeline.on_event(on_event)
+    return await session.run(pipeline, uri, state, wanted)
+
+
+class _Session:
+    """One restore's moving parts, so that every failure unwinds the same way."""
+
+    def __init__(
+        self, client: QMPClient, sink: _HandOver, r: int, report: Callable[[str], None] | None
+    ) -> None:
+        self.client = client
+        self.sink = sink
+        self.r: int | None = r
+        self.report = report
+        self.settings = _Settings(client, WANTED_CAPABILITIES, {})
+        self.fdname = f"vmtransport-{os.getpid()}-{next(_fdnames)}"
+        self.handed = False  # QEMU holds the read end under fdname (getfd)
+        self.incoming = False  # migrate-incoming was accepted
+        self.stats: PumpStats | None = None
+        self.pump_error: BaseException | None = None
+        self.outcome = ""  # where a failure left QEMU, for the error message
+
+    def close_r(self) -> None:
+        if self.r is not None:
+            os.close(self.r)
+            self.r = None
+
+    async def run(
+        self, pipeline: RestorePipeline, uri: str, state: RunState | None, wanted: trio.Event
+    ) -> RestoreResult:
+        try:
+            info = await self._load(pipeline, wanted)
+        except VMTransportError as exc:
+            if self.outcome and len(exc.args) == 1:
+                exc.args = (f"{exc.args[0]} ({self.outcome})",)
+            raise
+        finally:
+            self.close_r()
+        assert self.stats is not None
+        client = self.client
+        recorded, recorded_by = recorded_runstate(pipeline)
+        try:
+            runstate = await _settled(client)
+            run = state == "running" if state is not None else recorded == "running"
+            if run and runstate != "running":
+                await client.execute("cont")
+            elif not run and runstate == "running":
+                # QEMU started it itself: no -S, and the stream said running.
+                await client.execute("stop")
+            await self.settings.restore()
+            runstate = str((await client.execute("query-status"))["status"])
+        except BaseException:
+            if self.report is not None:
+                self.report("the VM is loaded, its run state as QEMU reports it")
+            raise
+        header = pipeline.reader.header
+        return RestoreResult(
+            uri,
+            self.stats,
+            recorded,
+            recorded_by,
+            state or "",
+            runstate,
+            dict(header.metadata) if header is not None else {},
+            info,
+        )
+
+    async def _load(self, pipeline: RestorePipeline, wanted: trio.Event) -> dict[str, Any]:
+        """Pump; hand QEMU the pipe once the first byte is ready; follow QEMU's load
+        until completed. On failure, make sure QEMU's load fails and say where QEMU is."""
+        pump_done = trio.Event()
+        error: BaseException | None = None
+        info: dict[str, Any] = {}
+
+        async def pump() -> None:
+            try:
+                self.stats = await pipeline.run_async()
+            except Exception as exc:
+                self.pump_error = exc
+            finally:
+                pump_done.set()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump)
+                try:
+                    async with trio.open_nursery() as first:
+
+                        async def ended() -> None:
+                            await pump_done.wait()
+                            first.cancel_scope.cancel()
+
+                        async def ready() -> None:
+                            await wanted.wait()
+                            first.cancel_scope.cancel()
+
+                        first.start_soon(ended)
+                        first.start_soon(ready)
+                    if wanted.is_set():
+                        await self._hand_over()
+                        info = await self._follow(pump_done)
+                    await pump_done.wait()
+                    if self.pump_error is not None:
+                        raise self.pump_error
+                    if not info:  # a stream with nothing for QEMU cannot be; be safe
+                        raise MigrationError(f"{self.client.monitor}: QEMU was sent nothing")
+                except BaseException as exc:
+                    error = exc  # kept: out of a nursery it would come wrapped in a group
+                    nursery.cancel_scope.cancel()
+                finally:
+                    self.sink.close()
+        except BaseException as exc:
+            # The pump task's own Cancelled when the whole run was cancelled.
+            error = error or exc
+        if error is not None:
+            with trio.CancelScope(shield=True):
+                await self._unwind()
+            cancelled = isinstance(error, Interrupted | trio.Cancelled)
+            damage = self.pump_error
+            if damage is not None and not cancelled and not isinstance(damage, Interrupted):
+                # The image's own damage, not what it did to QEMU (a broken pipe, a
+                # monitor that closed as QEMU exited).
+                error = damage
+            raise error
+        return info
+
+    async def _hand_over(self) -> None:
+        client = self.client
+        await self.settings.apply()
+        assert self.r is not None
+        await client.getfd(self.r, self.fdname)
+        self.handed = True
+        self.close_r()  # QEMU's copy is the only reader: its exit breaks our pipe
+        try:
+            await client.execute("migrate-incoming", {"uri": f"fd:{self.fdname}"})
+        except QMPError as exc:
+            raise UsageError(
+                f"QMP monitor {client.monitor}: QEMU refused migrate-incoming: {exc.desc} "
+                "(start it with -incoming defer)"
+            ) from None
+        self.incoming = True
+        self.handed = False  # migrate-incoming took the named descriptor
+        self.sink.open()
+
+    async def _follow(self, pump_done: trio.Event) -> dict[str, Any]:
+        """Watch QEMU's load until it completes; raise if it fails or the pump does."""
+        ended_at: float | None = None
+        while True:
+            if self.pump_error is not None:
+                raise self.pump_error
+            try:
+                info: dict[str, Any] = await self.client.execute("query-migrate")
+            except QMPConnectionError:
+                if (damage := await self._pump_verdict(pump_done)) is not None:
+                    raise damage from None
+                raise
+            status = info.get("status")
+            if status == "completed":
+                return info
+            if status in ("failed", "cancelled"):
+                if (damage := await self._pump_verdict(pump_done)) is not None:
+                    raise damage
+                why = info.get("error-desc") or status
+                raise MigrationError(
+                    f"QMP monitor {self.client.monitor}: QEMU's load {status}: {why}"
+                )
+            if not pump_done.is_set():
+                with trio.move_on_after(POLL_INTERVAL):
+                    await pump_done.wait()
+                continue
+            now = time.monotonic()
+            ended_at = now if ended_at is None else ended_at
+            if now - ended_at > COMPLETION_WAIT:
+                raise MigrationError(
+                    f"QMP monitor {self.client.monitor}: QEMU took the whole stream but its "
+                    f"migration is still {status} after {COMPLETION_WAIT:g} s"
+                )
+            await trio.sleep(0.01)
+
+    async def _pump_verdict(self, pump_done: trio.Event) -> BaseException | None:
+        """QEMU failed its load: let the pipeline read the image to its end (bounded),
+        so that the error names the image's damage if it has some; the pump's error."""
+        with trio.move_on_after(VERIFY_WAIT):
+            await pump_done.wait()
+        return self.pump_error
+
+    async def _unwind(self) -> None:
+        """After a failure: QEMU's load must fail (the pipe is closed by now, short of
+        the EOF marker), the named descriptor and the capabilities go back. Bounded,
+        never raises; sets :attr:`outcome`."""
+        client = self.client
+        outcome = ""
+        with trio.move_on_after(FAIL_WAIT + 5) as scope:
+            try:
+                if self.handed:
+                    try:
+                        await client.closefd(self.fdname)
+                    except QMPError:
+                        pass
+                if not self.incoming:
+                    await self.settings.restore()
+                    outcome = UNTOUCHED
+                else:
+                    outcome = await self._failed_load()
+            except QMPConnectionError:
+                outcome = "QEMU exited; the VM never ran"
+            except QMPError as exc:
+                outcome = f"QEMU's state is unknown: {exc}"
+        if scope.cancelled_caught:
+            outcome = f"QEMU's state is unknown: no answer within {FAIL_WAIT + 5:g} s"
+        self.outcome = outcome
+        if self.report is not None:
+            self.report(outcome)
+
+    async def _failed_load(self) -> str:
+        """Wait until QEMU's load has failed (it usually exits); where that left it."""
+        client = self.client
+        deadline = time.monotonic() + FAIL_WAIT
+        while True:
+            info = await client.execute("query-migrate")
+            status = str(info.get("status", "none"))
+            runstate = str((await client.execute("query-status"))["status"])
+            if status in ("failed", "cancelled"):
+                try:
+                    await self.settings.restore()
+                except QMPError:
+                    pass
+                return f"QEMU's load {status}; QEMU is {runstate}, the VM never ran"
+            if status == "completed":  # cannot be: QEMU never had the EOF marker
+                if runstate == "running":
+                    await client.execute("stop")
+                    runstate = "paused"
+                return f"QEMU's load completed nonetheless; the VM is {runstate}"
+            if time.monotonic() > deadline:
+                return f"QEMU's load still {status} after {FAIL_WAIT:g} s; QEMU is {runstate}"
+            await trio.sleep(0.05)
+
+
+async def _settled(client: QMPClient) -> str:
+    """QEMU reports completed around the time it leaves ``inmigrate``: wait for the run
+    state that follows (paused, prelaunch, or running if QEMU started the VM itself)."""
+    with trio.move_on_after(SETTLE_WAIT):
+        while True:
+            status = str((await client.execute("query-status"))["status"])
+            if status != "inmigrate":
+                return status
+            await trio.sleep(0.01)
+    _log.warning("QMP monitor %s: still inmigrate after the load completed", client.monitor)
+    return "inmigrate"
