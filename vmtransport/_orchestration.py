@@ -337,10 +337,8 @@ class _Session:
 
     def _qemu(self, info: Mapping[str, Any] | None = None) -> None:
         """Hand QEMU's states (its events) and figures (``info``) to the reporter."""
-        if self.progress is not None and self.events is not None:
-            self.progress.drain(self.events)
-            if info is not None:
-                self.progress.migration(info)
+        if self.progress is not None:
+            self.progress.qemu(info, self.events)
 
     def _close_w(self) -> None:
         if self.w is not None:

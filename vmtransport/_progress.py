@@ -81,9 +81,10 @@ class BarRenderer:
         if self.width is not None:
             return self.width
         try:
-            return os.get_terminal_size(self.stream.fileno()).columns
+            columns = os.get_terminal_size(self.stream.fileno()).columns
         except (OSError, ValueError, AttributeError):
-            return 80
+            columns = 0
+        return columns or 80  # a terminal nobody gave a size (a fresh pty) says 0
 
     def _write(self, text: str) -> None:
         if self.broken:
@@ -116,6 +117,9 @@ class BarRenderer:
             self._draw(result_line(event, self.operation), end="\n")
         elif kind == "error":
             self.erase()
+        elif kind == "output":  # a line of its own above the bar (redrawn next tick)
+            self.erase()
+            self._write(f"{event['text']}\n")
 
 
 def human_bytes(n: float) -> str:
@@ -203,10 +207,11 @@ class Reporter:
         self.ended = False
         self.bytes = 0  # the pipeline's bytes, handed to the sink
         self.total: int | None = None
-        self.qemu: dict[str, Any] | None = None  # the latest query-migrate figures
+        self.qemu_figures: dict[str, Any] | None = None  # the latest query-migrate figures
         self.states: dict[str, str] = {}  # source -> the latest state
-        self._samples: deque[tuple[float, int, float]] = deque()  # (t, bytes, processed)
+        self._samples: deque[tuple[float, int]] = deque()  # (t, bytes)
         self._total_of: Callable[[], int | None] | None = None  # asked until it knows
+        self._owns_stderr = False
 
     # -- lifecycle
     def __enter__(self) -> Reporter:
@@ -223,7 +228,7 @@ class Reporter:
                 return
             self.started = True
             self._t0 = self._clock()
-            self._samples.append((self._t0, 0, 0.0))  # rates count from the start
+            self._samples.append((self._t0, 0))  # rates count from the start
             self._emit({"event": "start", "operation": operation, "pid": os.getpid(), **fields})
         self._ticker = threading.Thread(target=self._tick, name="vmtransport-progress")
         self._ticker.daemon = True
@@ -236,8 +241,27 @@ class Reporter:
                     return
                 self._emit(self._progress())
 
+    def own_stderr(self) -> None:
+        """Until :meth:`close`, take the lines other parts write to stderr (log
+        records, an ``exec:`` target's stderr) as ``output`` events: they then neither
+        garble the bar nor break the JSON lines."""
+        from . import _log
+
+        _log.stderr_hook = self._output
+        self._owns_stderr = True
+
+    def _output(self, text: str) -> None:
+        with self._lock:
+            self._emit({"event": "output", "text": text.rstrip("\n")})
+
     def close(self) -> None:
-        """Stop the ticker (waits for it). Idempotent."""
+        """Stop the ticker (waits for it) and give stderr back. Idempotent."""
+        if self._owns_stderr:
+            from . import _log
+
+            if _log.stderr_hook == self._output:
+                _log.stderr_hook = None
+            self._owns_stderr = False
         self._stop.set()
         ticker, self._ticker = self._ticker, None
         if ticker is not None and ticker is not threading.current_thread():
@@ -287,12 +311,22 @@ class Reporter:
                         figures[f"ram_{key}"] = ram[key]
                 if figures.get("ram_total"):
                     self.total = figures["ram_total"]
-            self.qemu = figures
+            self.qemu_figures = figures
 
     def qemu_state(self, status: str) -> None:
         """QEMU's migration status changed (a ``MIGRATION`` event's ``status``)."""
         with self._lock:
             self._state("qemu", status, {})
+
+    def qemu(
+        self, info: Mapping[str, Any] | None = None, events: EventListener | None = None
+    ) -> None:
+        """One call per ``query-migrate`` poll: the ``MIGRATION`` events ``events``
+        holds first (QEMU's states, in order), then ``info``'s figures."""
+        if events is not None:
+            self.drain(events)
+        if info is not None:
+            self.migration(info)
 
     def drain(self, listener: EventListener) -> None:
         """Take the ``MIGRATION`` events ``listener`` holds (reads nothing) as QEMU's
@@ -354,35 +388,32 @@ class Reporter:
 
     def _progress(self) -> Event:
         now = self._clock()
-        qemu = self.qemu or {}
+        qemu = self.qemu_figures or {}
         if self.total is None and self._total_of is not None:
             try:
                 self.total = self._total_of()
             except Exception:  # read from another thread mid-update: ask again later
                 pass
         total = self.total
-        # What share of the work is done: QEMU's RAM already sent when it says so (zero
-        # pages make the stream much shorter than RAM), else the bytes against the total.
-        if "ram_remaining" in qemu and qemu.get("ram_total"):
-            processed = float(qemu["ram_total"] - qemu["ram_remaining"])
-            whole: float | None = float(qemu["ram_total"])
-        elif total:
-            processed, whole = float(self.bytes), float(total)
-        else:
-            processed, whole = float(self.bytes), None
+        # The byte count to expect. From QEMU: what it has sent plus what it still has
+        # to send; the pump's buffers hold up to 64 MiB of what it has sent, and zero
+        # pages make the stream much shorter than RAM, so RAM done is no measure of the
+        # image written. Else the total (a restore: the image's length).
+        whole: int | None = total or None
+        if isinstance(qemu.get("ram_transferred"), int) and "ram_remaining" in qemu:
+            whole = max(qemu["ram_transferred"] + qemu["ram_remaining"], self.bytes)
         samples = self._samples
-        samples.append((now, self.bytes, processed))
+        samples.append((now, self.bytes))
         while len(samples) > 2 and now - samples[1][0] >= RATE_WINDOW:
             samples.popleft()
-        t0, b0, p0 = samples[0]
+        t0, b0 = samples[0]
         span = now - t0
         rate = (self.bytes - b0) / span if span > 0 else 0.0
         fraction = eta = None
         if whole:
-            fraction = min(max(processed / whole, 0.0), 1.0)
-            speed = (processed - p0) / span if span > 0 else 0.0
-            if speed > 0:
-                eta = round(max(whole - processed, 0.0) / speed, 1)
+            fraction = min(self.bytes / whole, 1.0)
+            if rate > 0:
+                eta = round(max(whole - self.bytes, 0) / rate, 1)
         event: Event = {
             "event": "progress",
             "bytes": self.bytes,
@@ -391,8 +422,8 @@ class Reporter:
             "rate": round(rate, 1),
             "eta": eta,
         }
-        if self.qemu is not None:
-            event["qemu"] = dict(self.qemu)
+        if self.qemu_figures is not None:
+            event["qemu"] = dict(self.qemu_figures)
         return event
 
 
@@ -407,11 +438,18 @@ def make_reporter(
     ``progress`` None means ``default`` and only on a terminal (``default`` is False
     for the ``exec:`` helpers QEMU runs: they print nothing unless asked)."""
     stream = stream if stream is not None else sys.stderr
+    renderer: Renderer
     if events == "json":
-        return Reporter(JsonRenderer(stream))
-    if progress is None:
-        try:
-            progress = default and stream.isatty()
-        except (OSError, ValueError, AttributeError):
-            progress = False
-    return Reporter(BarRenderer(stream)) if progress else None
+        renderer = JsonRenderer(stream)
+    else:
+        if progress is None:
+            try:
+                progress = default and stream.isatty()
+            except (OSError, ValueError, AttributeError):
+                progress = False
+        if not progress:
+            return None
+        renderer = BarRenderer(stream)
+    reporter = Reporter(renderer)
+    reporter.own_stderr()
+    return reporter
