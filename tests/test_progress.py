@@ -463,3 +463,35 @@ def test_bar_fits_the_terminal() -> None:
     assert len(drawn) - len("\r\x1b[K") <= 29
     bar.emit({"event": "error"})
     assert out.getvalue().endswith("\r\x1b[K") and not bar.drawn
+
+
+def test_a_stderr_nobody_reads_stalls_the_report_not_the_save(tmp_path: Path) -> None:
+    """--events json into a full pipe: the image is complete all the same; the helper
+    then gives up its report after a bounded wait (Reporter.close) and exits 0."""
+    raw = SyntheticStream(size=64 << 20).write_to(tmp_path / "s.raw")
+    image = tmp_path / "a.img"
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        while True:
+            os.write(w, b"x" * 4096)
+    except BlockingIOError:
+        pass  # full: every write the helper makes to its stderr blocks
+    os.set_blocking(w, True)
+    with open(raw, "rb") as stdin:
+        proc = subprocess.Popen(
+            [str(VMT), "save", "--events", "json", f"file:{image}"], stdin=stdin, stderr=w
+        )
+    os.close(w)
+    try:
+        deadline = time.monotonic() + 30
+        verified = False
+        while not verified and time.monotonic() < deadline:
+            time.sleep(0.1)
+            check = [str(VMT), "verify", str(image)]
+            verified = image.exists() and subprocess.run(check, capture_output=True).returncode == 0
+        assert verified and proc.poll() is None  # saved while the report is stuck
+    finally:
+        with os.fdopen(r, "rb") as pipe:
+            pipe.read()
+        assert proc.wait(timeout=TIMEOUT) == 0

@@ -5,12 +5,14 @@ A :class:`Reporter` gathers what a transfer says about itself — the pipeline's
 ``query-migrate`` figures and ``MIGRATION`` states, the VM's run state — and turns it
 into events (dicts, the schema of docs/events.md) for one renderer: :class:`BarRenderer`
 (a line redrawn in place on a terminal) or :class:`JsonRenderer` (one JSON object a
-line). A ticker thread emits ``progress`` every :data:`INTERVAL` seconds whether bytes
-move or not, so a stalled transfer still shows (and a tool sees it is alive).
+line). The reporter's own thread emits ``progress`` every :data:`INTERVAL` seconds
+whether bytes move or not, so a stalled transfer still shows (and a tool sees it is
+alive).
 
-Inputs arrive from the pipeline's writer thread, from trio tasks and from the ticker:
-one lock orders them, and every event leaves under it, in order. Output errors (a
-closed stderr) silence the renderer; they never fail the transfer.
+Inputs arrive from the pipeline's writer thread, from trio tasks and from the
+reporter's thread: one lock orders them into a queue, and only the reporter's thread
+writes, so a stderr that nobody reads stalls the report, never the transfer. Output
+errors (a closed stderr) silence the renderer; they never fail the transfer.
 """
 
 from __future__ import annotations
@@ -181,11 +183,11 @@ def image_path(uri: str) -> str | None:
 class Reporter:
     """Turns a transfer's progress and states into events for ``renderer``.
 
-    Call :meth:`start` first (it starts the ticker), feed it from anywhere
+    Call :meth:`start` first (progress events follow from then on), feed it from anywhere
     (:meth:`attach` a pipeline, :meth:`migration` with ``query-migrate`` replies,
     :meth:`qemu_state` with ``MIGRATION`` events' statuses, :meth:`state`), and end it
     with exactly one :meth:`result` or :meth:`error` (later ones are ignored, so the
-    innermost layer that knows best wins); :meth:`close` stops the ticker (a context
+    innermost layer that knows best wins); :meth:`close` stops its thread (a context
     manager's exit does it too).
     """
 
@@ -201,7 +203,9 @@ class Reporter:
         self._clock = clock
         self._lock = threading.RLock()
         self._stop = threading.Event()
-        self._ticker: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._writer: threading.Thread | None = None
+        self._pending: deque[Event] = deque()  # events made, not yet written
         self._t0 = clock()
         self.started = False
         self.ended = False
@@ -222,7 +226,7 @@ class Reporter:
 
     def start(self, operation: str, **fields: Any) -> None:
         """Emit ``start`` (``operation``: save, restore, copy; ``fields``: uri,
-        monitor...) and start the ticker. Repeats are ignored."""
+        monitor...); ``progress`` follows every interval. Repeats are ignored."""
         with self._lock:
             if self.started:
                 return
@@ -230,16 +234,34 @@ class Reporter:
             self._t0 = self._clock()
             self._samples.append((self._t0, 0))  # rates count from the start
             self._emit({"event": "start", "operation": operation, "pid": os.getpid(), **fields})
-        self._ticker = threading.Thread(target=self._tick, name="vmtransport-progress")
-        self._ticker.daemon = True
-        self._ticker.start()
 
-    def _tick(self) -> None:
-        while not self._stop.wait(self.interval):
+    def _write(self) -> None:
+        """The writer thread: makes a ``progress`` event every interval once started,
+        and alone calls the renderer. Whoever reports only queues (under the lock, so
+        in order): a stderr nobody reads blocks this thread, never the pipeline's
+        writer or the event loop."""
+        next_tick = self._clock() + self.interval
+        while True:
+            wait = next_tick - self._clock()
+            if wait > 0 and not self._stop.is_set():
+                self._wake.wait(wait)
+            self._wake.clear()
             with self._lock:
-                if self.ended:
-                    return
-                self._emit(self._progress())
+                now = self._clock()
+                if now >= next_tick:
+                    next_tick = max(next_tick + self.interval, now)
+                    if self.started and not self.ended:
+                        self._emit(self._progress())
+                batch = list(self._pending)
+                self._pending.clear()
+                done = self._stop.is_set()
+            for event in batch:
+                try:
+                    self.renderer.emit(event)
+                except Exception:  # a renderer never breaks the transfer
+                    pass
+            if done and not batch:
+                return
 
     def own_stderr(self) -> None:
         """Until :meth:`close`, take the lines other parts write to stderr (log
@@ -254,8 +276,9 @@ class Reporter:
         with self._lock:
             self._emit({"event": "output", "text": text.rstrip("\n")})
 
-    def close(self) -> None:
-        """Stop the ticker (waits for it) and give stderr back. Idempotent."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued, stop the writer thread and give stderr back; waits at
+        most ``timeout`` seconds for a stderr that does not take the lines. Idempotent."""
         if self._owns_stderr:
             from . import _log
 
@@ -263,9 +286,10 @@ class Reporter:
                 _log.stderr_hook = None
             self._owns_stderr = False
         self._stop.set()
-        ticker, self._ticker = self._ticker, None
-        if ticker is not None and ticker is not threading.current_thread():
-            ticker.join()
+        self._wake.set()
+        writer = self._writer
+        if writer is not None and writer is not threading.current_thread():
+            writer.join(timeout)
 
     # -- inputs
     def attach(self, pipeline: Pipeline) -> None:
@@ -378,7 +402,15 @@ class Reporter:
     # -- internals (under the lock)
     def _emit(self, event: Event) -> None:
         t = round(self._clock() - self._t0, 3)
-        self.renderer.emit({"v": SCHEMA_VERSION, "t": t, **event})
+        pending = self._pending
+        if event["event"] == "progress" and pending and pending[-1]["event"] == "progress":
+            pending.pop()  # not written yet (a slow stderr): the newer figures replace it
+        pending.append({"v": SCHEMA_VERSION, "t": t, **event})
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write, name="vmtransport-progress")
+            self._writer.daemon = True
+            self._writer.start()
+        self._wake.set()
 
     def _state(self, source: str, state: str, detail: Mapping[str, Any]) -> None:
         if self.states.get(source) == state or self.ended:
