@@ -10,6 +10,7 @@ import os
 import re
 import select
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 from helpers import MEM_MIB, VMT, load
 from qemuvm import VM, make_ram_file
-from test_qmp_save import BIG_MIB, source_vm
+from test_qmp_save import BIG_MIB, source_vm, wait_active
 
 from vmtransport._progress import BarRenderer, Reporter, bar_line
 from vmtransport.testing import SyntheticStream
@@ -203,6 +204,35 @@ def test_events_json_error_on_a_failing_save(qemu: str, tmp_path: Path) -> None:
     assert "exited with status 3" in error["message"] and error["message"].endswith(f"({left})")
     assert states(events, "pipeline")[-1] in ("failed", "cancelled")
     assert states(events, "qemu")[-1] in ("failed", "cancelled")
+    assert states(events, "vm") == ["running", "paused", "running"]
+
+
+def test_events_json_error_on_a_signal(qemu: str, tmp_path: Path) -> None:
+    """SIGTERM mid-save: the CLI, which knows the signal, says the last word."""
+    with source_vm(qemu, tmp_path, paused=False, mem_mib=BIG_MIB) as (vm, sock):
+        cmd = [str(VMT), "save", "--qmp", sock, slow_sink(tmp_path / "x"), "--events", "json"]
+        with subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) as proc:
+            wait_active(vm, proc)
+            time.sleep(0.6)
+            proc.send_signal(signal.SIGTERM)
+            err = proc.communicate(timeout=TIMEOUT)[1]
+        assert proc.returncode == 143
+        assert vm.status() == "running"
+    events = [json.loads(line) for line in err.splitlines()]
+    check_envelope(events)
+    assert any(e["event"] == "progress" and e["bytes"] > 0 for e in events)
+    left = "the VM is running, its migration settings as they were"
+    assert events[-1] == {
+        "v": 1,
+        "t": events[-1]["t"],
+        "event": "error",
+        "ok": False,
+        "message": f"interrupted by SIGTERM ({left})",
+        "vm": left,
+        "vm_state": "running",
+        "exit": 143,
+    }
+    assert states(events, "qemu")[-1] == "cancelled"
     assert states(events, "vm") == ["running", "paused", "running"]
 
 
