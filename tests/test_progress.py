@@ -5,6 +5,8 @@ the ``exec:`` helpers, which print nothing unless asked.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -525,3 +527,19 @@ def test_a_stderr_nobody_reads_stalls_the_report_not_the_save(tmp_path: Path) ->
         with os.fdopen(r, "rb") as pipe:
             pipe.read()
         assert proc.wait(timeout=TIMEOUT) == 0
+
+
+def test_docs_example_runs(qemu: str, tmp_path: Path) -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "events.md").read_text()
+    (block,) = re.findall(r"```python\n(.*?)```", doc, re.S)
+    image = tmp_path / "a.sav"
+    err = io.StringIO()
+    with source_vm(qemu, tmp_path, paused=False) as (vm, sock):
+        code = block.replace("/run/vm/qmp.sock", sock).replace("/var/lib/vm/a.sav", str(image))
+        with contextlib.redirect_stderr(err):
+            exec(compile(code, "docs/events.md", "exec"), {"__name__": "docs"})
+        assert vm.status() == "postmigrate"
+    events = [json.loads(line) for line in err.getvalue().splitlines()]
+    check_envelope(events)
+    assert events[0]["event"] == "start" and events[-1]["event"] == "result"
+    assert events[-1]["path"] == str(image) and events[-1]["bytes"] == image_payload(image)

@@ -380,8 +380,9 @@ class Reporter:
                 if last["total"] is not None:
                     last["fraction"], last["eta"] = 1.0, 0.0
                 self._emit(last)
-            seconds = float(fields.get("seconds", self._clock() - self._t0))
-            rate = self.bytes / seconds if seconds > 0 else 0.0
+            seconds = round(float(fields.pop("seconds", self._clock() - self._t0)), 3)
+            rate = round(self.bytes / seconds, 1) if seconds > 0 else 0.0
+            fields.pop("bytes", None)
             self._emit(
                 {"event": "result", "ok": True, "bytes": self.bytes, "seconds": seconds,
                  "rate": rate, **fields}
