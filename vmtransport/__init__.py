@@ -39,6 +39,7 @@ if TYPE_CHECKING:
         pump,
         pump_blocking,
     )
+    from ._progress import BarRenderer, JsonRenderer, Reporter
     from ._registry import Registry, TransportInfo, get_registry
     from ._transport import SeekableSink, Sink, Source, ThreadedSource, Transport
     from ._uri import URI, parse_uri
@@ -93,6 +94,9 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "Pipeline": ("._pipeline", "Pipeline"),
     "Progress": ("._pipeline", "Progress"),
     "StateEvent": ("._pipeline", "StateEvent"),
+    "BarRenderer": ("._progress", "BarRenderer"),
+    "JsonRenderer": ("._progress", "JsonRenderer"),
+    "Reporter": ("._progress", "Reporter"),
     "STATES": ("._pipeline", "STATES"),
     "Registry": ("._registry", "Registry"),
     "TransportInfo": ("._registry", "TransportInfo"),
@@ -109,8 +113,10 @@ _EXPORTS: dict[str, tuple[str, str]] = {
 __all__ = [
     "STATES",
     "URI",
+    "BarRenderer",
     "CommandError",
     "Interrupted",
+    "JsonRenderer",
     "MigrationError",
     "Pipeline",
     "PluginError",
@@ -119,6 +125,7 @@ __all__ = [
     "QMPConnectionError",
     "QMPError",
     "Registry",
+    "Reporter",
     "RestorePipeline",
     "SavePipeline",
     "SaveResult",

@@ -145,7 +145,7 @@ def _reporter(args: argparse.Namespace) -> Reporter | None:
     terminal, and a bar there would garble it."""
     if args.command not in ("save", "restore", "copy"):
         return None
-    qemu_runs_it = args.command == "restore" or (args.command == "save" and args.qmp is None)
+    qemu_runs_it = args.command in ("save", "restore") and getattr(args, "qmp", None) is None
     if args.progress is None and args.events is None and qemu_runs_it:
         return None  # not even the import
     from ._progress import make_reporter

@@ -215,7 +215,6 @@ class Reporter:
         self.states: dict[str, str] = {}  # source -> the latest state
         self._samples: deque[tuple[float, int]] = deque()  # (t, bytes)
         self._total_of: Callable[[], int | None] | None = None  # asked until it knows
-        self._owns_stderr = False
 
     # -- lifecycle
     def __enter__(self) -> Reporter:
@@ -264,27 +263,30 @@ class Reporter:
                 return
 
     def own_stderr(self) -> None:
-        """Until :meth:`close`, take the lines other parts write to stderr (log
-        records, an ``exec:`` target's stderr) as ``output`` events: they then neither
-        garble the bar nor break the JSON lines."""
+        """From now on, for good (the command line's reporter: the process ends with
+        it), take the lines other parts write to stderr (log records, an ``exec:``
+        target's stderr) as ``output`` events: they then neither garble the bar nor
+        break the JSON lines, even after the end (``-v``'s statistics)."""
         from . import _log
 
         _log.stderr_hook = self._output
-        self._owns_stderr = True
 
     def _output(self, text: str) -> None:
+        event: Event = {"event": "output", "text": text.rstrip("\n")}
         with self._lock:
-            self._emit({"event": "output", "text": text.rstrip("\n")})
+            if not self._stop.is_set():
+                self._emit(event)
+                return
+            # Closed: no thread writes any more; this line goes out at once.
+            t = round(self._clock() - self._t0, 3)
+            try:
+                self.renderer.emit({"v": SCHEMA_VERSION, "t": t, **event})
+            except Exception:
+                pass
 
     def close(self, timeout: float = 5.0) -> None:
-        """Write what is queued, stop the writer thread and give stderr back; waits at
-        most ``timeout`` seconds for a stderr that does not take the lines. Idempotent."""
-        if self._owns_stderr:
-            from . import _log
-
-            if _log.stderr_hook == self._output:
-                _log.stderr_hook = None
-            self._owns_stderr = False
+        """Write what is queued and stop the writer thread; waits at most ``timeout``
+        seconds for a stderr that does not take the lines. Idempotent."""
         self._stop.set()
         self._wake.set()
         writer = self._writer
