@@ -43,7 +43,8 @@ Event = dict[str, Any]
 
 
 class Renderer(Protocol):
-    """Where a reporter's events go. ``emit`` is called under the reporter's lock."""
+    """Where a reporter's events go. ``emit`` is called from the reporter's own thread
+    only (after :meth:`Reporter.close`, for a late ``output`` line, from its caller)."""
 
     def emit(self, event: Event) -> None: ...
 
@@ -320,7 +321,8 @@ class Reporter:
             self._state("pipeline", event.state, detail)
 
     def set_total(self, total: int | None) -> None:
-        """The expected byte count (a restore: the image's payload length)."""
+        """The byte count to expect, for a caller that knows it better (:meth:`attach`
+        learns a restore's from its image, :meth:`migration` a save's from QEMU)."""
         with self._lock:
             self.total = total
 
