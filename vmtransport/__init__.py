@@ -39,6 +39,7 @@ if TYPE_CHECKING:
         pump,
         pump_blocking,
     )
+    from ._progress import BarRenderer, JsonRenderer, Reporter
     from ._registry import Registry, TransportInfo, get_registry
     from ._restore_vm import RestoreResult, restore_vm
     from ._transport import SeekableSink, Sink, Source, ThreadedSource, Transport
@@ -96,6 +97,9 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "Pipeline": ("._pipeline", "Pipeline"),
     "Progress": ("._pipeline", "Progress"),
     "StateEvent": ("._pipeline", "StateEvent"),
+    "BarRenderer": ("._progress", "BarRenderer"),
+    "JsonRenderer": ("._progress", "JsonRenderer"),
+    "Reporter": ("._progress", "Reporter"),
     "STATES": ("._pipeline", "STATES"),
     "Registry": ("._registry", "Registry"),
     "TransportInfo": ("._registry", "TransportInfo"),
@@ -112,8 +116,10 @@ _EXPORTS: dict[str, tuple[str, str]] = {
 __all__ = [
     "STATES",
     "URI",
+    "BarRenderer",
     "CommandError",
     "Interrupted",
+    "JsonRenderer",
     "MigrationError",
     "Pipeline",
     "PluginError",
@@ -122,6 +128,7 @@ __all__ = [
     "QMPConnectionError",
     "QMPError",
     "Registry",
+    "Reporter",
     "RestorePipeline",
     "RestoreResult",
     "SavePipeline",

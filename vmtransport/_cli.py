@@ -15,11 +15,26 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ._buffers import BlockingReader
     from ._pipeline import Pipeline
+    from ._progress import Reporter
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(message)
+
+
+def _progress_args(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        help=f"a progress line on stderr (default: {default})",
+    )
+    p.add_argument(
+        "--events",
+        choices=("json",),
+        help="one JSON object a line on stderr, for programs (docs/events.md); "
+        "replaces --progress and the error line",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=("pause", "resume", "quit"),
         help="with --qmp: what becomes of the VM once its image is complete (default: pause)",
     )
+    _progress_args(s, "on with --qmp when stderr is a terminal, else off")
     r = sub.add_parser(
         "restore", help="write the stream at URI to stdout (or into the QEMU behind --qmp)"
     )
@@ -67,10 +83,12 @@ def _parser() -> argparse.ArgumentParser:
         const="paused",
         help="with --qmp: leave the VM paused afterwards, whatever the image recorded",
     )
+    _progress_args(r, "on with --qmp when stderr is a terminal, else off")
     c = sub.add_parser("copy", help="copy the stream at SRC to DST")
     c.add_argument("src", metavar="SRC")
     c.add_argument("dst", metavar="DST")
     c.add_argument("--name", help="a name for the VM, kept in the image's metadata")
+    _progress_args(c, "on when stderr is a terminal")
     i = sub.add_parser("inspect", help="show what an image or stream holds")
     i.add_argument("image", metavar="IMAGE|URI")
     i.add_argument("--json", action="store_true", help="the documented JSON document")
@@ -143,7 +161,34 @@ def _stdin_reader(args: argparse.Namespace) -> BlockingReader | None:
     return save_reader(0)
 
 
-def _save_vm(args: argparse.Namespace, verbose: bool) -> int:
+def _reporter(args: argparse.Namespace) -> Reporter | None:
+    """What --progress/--events ask for. Without either, the helpers QEMU runs through
+    ``exec:`` (plain save and restore) print nothing: QEMU's stderr may well be a
+    terminal, and a bar there would garble it."""
+    if args.command not in ("save", "restore", "copy"):
+        return None
+    qemu_runs_it = args.command in ("save", "restore") and getattr(args, "qmp", None) is None
+    if args.progress is None and args.events is None and qemu_runs_it:
+        return None  # not even the import
+    from ._progress import make_reporter
+
+    return make_reporter(args.progress, args.events, default=not qemu_runs_it)
+
+
+def _fail(reporter: Reporter | None, message: str, code: int, vm: str | None = None) -> int:
+    """The one error line (or, with --events json, the error event instead); the bar
+    is erased first so the line stands alone."""
+    if reporter is not None:
+        from ._progress import JsonRenderer
+
+        reporter.error(message, vm=vm, exit=code)
+        if isinstance(reporter.renderer, JsonRenderer):
+            return code
+    print(f"vmtransport: error: {message}", file=sys.stderr)
+    return code
+
+
+def _save_vm(args: argparse.Namespace, verbose: bool, reporter: Reporter | None) -> int:
     """``save --qmp``: the API's save_vm, under trio (signals cancel it: rolled back)."""
     from ._errors import Interrupted
     from ._orchestration import save_vm
@@ -158,6 +203,7 @@ def _save_vm(args: argparse.Namespace, verbose: bool) -> int:
                 after=args.after or "pause",
                 name=args.name,
                 report=rolled_back.append,
+                progress=reporter,
             )
         )
     except Interrupted as exc:
@@ -165,8 +211,8 @@ def _save_vm(args: argparse.Namespace, verbose: bool) -> int:
             raise
         # The signal's own line, and where the rollback left the VM; 128 + the signal,
         # as a shell reports a process the signal killed.
-        print(f"vmtransport: error: {exc} ({rolled_back[-1]})", file=sys.stderr)
-        return 128 + exc.signum
+        message = f"{exc} ({rolled_back[-1]})"
+        return _fail(reporter, message, 128 + exc.signum, vm=rolled_back[-1])
     if verbose:
         _log.logger().info(
             "saved %s to %s: %d bytes in %.2f s (%.0f MiB/s); VM %s",
@@ -176,7 +222,7 @@ def _save_vm(args: argparse.Namespace, verbose: bool) -> int:
     return 0
 
 
-def _restore_vm(args: argparse.Namespace, verbose: bool) -> int:
+def _restore_vm(args: argparse.Namespace, verbose: bool, reporter: Reporter | None) -> int:
     """``restore --qmp``: the API's restore_vm, under trio (signals cancel it)."""
     from ._errors import Interrupted
     from ._pipeline import run_trio
@@ -185,13 +231,15 @@ def _restore_vm(args: argparse.Namespace, verbose: bool) -> int:
     outcome: list[str] = []
     try:
         result = run_trio(
-            lambda: restore_vm(args.qmp, args.uri, state=args.state, report=outcome.append)
+            lambda: restore_vm(
+                args.qmp, args.uri, state=args.state, report=outcome.append, progress=reporter
+            )
         )
     except Interrupted as exc:
         if not outcome or exc.signum is None:
             raise
-        print(f"vmtransport: error: {exc} ({outcome[-1]})", file=sys.stderr)
-        return 128 + exc.signum
+        message = f"{exc} ({outcome[-1]})"
+        return _fail(reporter, message, 128 + exc.signum, vm=outcome[-1])
     if verbose:
         _log.logger().info(
             "restored %s into %s: %d bytes in %.2f s (%.0f MiB/s); recorded %s, VM %s",
@@ -207,8 +255,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = "-v" in argv or "--verbose" in argv
     _log.cli_stderr = True
     reader: BlockingReader | None = None
+    reporter: Reporter | None = None
     try:
         args = _parser().parse_args(argv)
+        reporter = _reporter(args)
         if args.command in ("save", "restore", "copy"):
             # Signals raise Interrupted in this thread, which cancels the pipeline (or,
             # under trio, run_trio turns them into cancellation).
@@ -240,11 +290,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         pipeline: Pipeline
         restore: _usecases.RestorePipeline | None = None
         if args.command == "save" and args.qmp is not None:
-            return _save_vm(args, verbose)
+            return _save_vm(args, verbose, reporter)
         if args.command == "save" and args.after is not None:
             raise UsageError("--after applies to a save with --qmp only")
         if args.command == "restore" and args.qmp is not None:
-            return _restore_vm(args, verbose)
+            return _restore_vm(args, verbose, reporter)
         if args.command == "restore" and args.state is not None:
             raise UsageError(f"--{args.state} applies to a restore with --qmp only")
         if args.command == "save":
@@ -257,12 +307,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             pipeline = _usecases.copy_pipeline(args.src, args.dst, name=args.name)
             what = f"copied {args.src} to {args.dst}"
+        if reporter is not None:
+            from ._progress import image_path
+
+            # uri: what is written (save, copy) or read (restore); path: its file
+            uri = args.dst if args.command == "copy" else args.uri
+            path = image_path(uri) if args.command != "restore" else None
+            extra = {"source": args.src} if args.command == "copy" else {}
+            reporter.start(args.command, uri=uri, **extra)
+            reporter.attach(pipeline)
         try:
             stats = pipeline.run()
         except BaseException:
             if restore is not None:
                 _usecases.refuse(restore)
             raise
+        if reporter is not None:
+            reporter.result(bytes=stats.bytes, seconds=stats.seconds, uri=uri, path=path)
     except BaseException as raw:
         if reader is not None:
             reader.discard()
@@ -272,11 +333,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, VMTransportError):
             if verbose:
                 _log.logger().error("traceback", exc_info=exc)
-            print(f"vmtransport: error: {exc}", file=sys.stderr)
-            return exc.exit_code
+            return _fail(reporter, str(exc), exc.exit_code)
         if isinstance(exc, KeyboardInterrupt):
-            print("vmtransport: error: interrupted", file=sys.stderr)
-            return 130
+            return _fail(reporter, "interrupted", 130)
+        if reporter is not None:
+            reporter.close()
         raise
     if verbose:
         _log.logger().info(

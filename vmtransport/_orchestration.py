@@ -27,6 +27,7 @@ from . import _log
 from ._buffers import BlockingReader, fd_reader
 from ._errors import MigrationError, QMPConnectionError, QMPError, UsageError, VMTransportError
 from ._pipeline import PumpStats
+from ._progress import Reporter, image_path
 from ._registry import Registry
 from ._usecases import SavePipeline, save_pipeline
 from .image import ImageWriter
@@ -203,6 +204,7 @@ async def save_vm(
     name: str | None = None,
     registry: Registry | None = None,
     report: Callable[[str], None] | None = None,
+    progress: Reporter | None = None,
 ) -> SaveResult:
     """Save the VM behind QMP ``monitor`` (a connected client, or its socket's path) to
     ``uri``, in the image format of an ``exec:`` save, with the VM's facts from QMP in
@@ -219,13 +221,45 @@ async def save_vm(
     the module says (within :data:`ROLLBACK_TIMEOUT`; shielded from the cancel); the
     error's message ends with where that left the VM, and ``report``, if given, gets
     that too (the only way to learn it after a cancel).
+
+    ``progress``, if given, is started and gets the pipeline's progress and states,
+    QEMU's ``query-migrate`` figures and ``MIGRATION`` states and the VM's run states,
+    then the ``result``, or the ``error`` of a :class:`~vmtransport.VMTransportError`
+    (a cancelled task leaves the error event to the caller, who knows why).
     """
+    if progress is None:
+        return await _connect_and_save(monitor, uri, after, name, registry, report, None)
+    where = monitor.monitor if isinstance(monitor, QMPClient) else os.fspath(monitor)
+    progress.start("save", uri=uri, monitor=where)
+    left: list[str] = []  # where a rollback left the VM
+
+    def tell(line: str) -> None:
+        left.append(line)
+        if report is not None:
+            report(line)
+
+    try:
+        return await _connect_and_save(monitor, uri, after, name, registry, tell, progress)
+    except VMTransportError as exc:
+        progress.error(str(exc), vm=left[-1] if left else None, exit=exc.exit_code)
+        raise
+
+
+async def _connect_and_save(
+    monitor: QMPClient | str | os.PathLike[str],
+    uri: str,
+    after: After,
+    name: str | None,
+    registry: Registry | None,
+    report: Callable[[str], None] | None,
+    progress: Reporter | None,
+) -> SaveResult:
     if after not in AFTER:
         raise UsageError(f"after={after!r}: must be one of {', '.join(AFTER)}")
     if isinstance(monitor, QMPClient):
-        return await _save(monitor, uri, after, name, registry, report)
+        return await _save(monitor, uri, after, name, registry, report, progress)
     async with await connect(monitor) as client:
-        return await _save(client, uri, after, name, registry, report)
+        return await _save(client, uri, after, name, registry, report, progress)
 
 
 async def _save(
@@ -235,8 +269,11 @@ async def _save(
     name: str | None,
     registry: Registry | None,
     report: Callable[[str], None] | None,
+    progress: Reporter | None,
 ) -> SaveResult:
     facts = await query_facts(client)
+    if progress is not None:
+        progress.state("vm", facts.runstate)
     state = (await client.execute("query-migrate")).get("status", "none")
     if state not in _IDLE:
         raise UsageError(f"QMP monitor {client.monitor}: a migration is already {state}")
@@ -264,8 +301,10 @@ async def _save(
         raise
     if isinstance(pipeline.image, ImageWriter):
         pipeline.image.metadata["vm"] = facts.metadata()
+    if progress is not None:
+        progress.attach(pipeline)
 
-    session = _Session(client, pipeline, reader, r, w, report)
+    session = _Session(client, pipeline, reader, r, w, report, progress)
     return await session.run(facts, after, uri)
 
 
@@ -280,9 +319,13 @@ class _Session:
         r: int,
         w: int,
         report: Callable[[str], None] | None,
+        progress: Reporter | None = None,
     ) -> None:
         self.client = client
         self.report = report
+        self.progress = progress
+        # QEMU's states, for progress (listening before migrate: none is missed)
+        self.events = client.listen("MIGRATION") if progress is not None else None
         self.pipeline = pipeline
         self.reader = reader
         self.r: int | None = r
@@ -295,6 +338,15 @@ class _Session:
         self.stats: PumpStats | None = None
         self.pump_error: BaseException | None = None
         self.rolled_back = ""  # where the rollback left the VM, for the error message
+
+    def _vm(self, state: str) -> None:
+        if self.progress is not None:
+            self.progress.state("vm", state)
+
+    def _qemu(self, info: Mapping[str, Any] | None = None) -> None:
+        """Hand QEMU's states (its events) and figures (``info``) to the reporter."""
+        if self.progress is not None:
+            self.progress.qemu(info, self.events)
 
     def _close_w(self) -> None:
         if self.w is not None:
@@ -315,15 +367,25 @@ class _Session:
             assert self.stats is not None
             client = self.client
             runstate = await _wait_settled(client)
+            self._vm(runstate)
             await self.settings.restore()
             if after == "resume":
                 await client.execute("cont")
                 runstate = str((await client.execute("query-status"))["status"])
+                self._vm(runstate)
             elif after == "quit":
                 await _quit(client)
                 runstate = ""
-            return SaveResult(uri, self.stats, facts, self.stopped, after, runstate, info)
+            result = SaveResult(uri, self.stats, facts, self.stopped, after, runstate, info)
+            if self.progress is not None:
+                self.progress.result(
+                    bytes=result.bytes, seconds=result.seconds, uri=uri, path=image_path(uri),
+                    vm_state=runstate or None, after=after,
+                )  # fmt: skip
+            return result
         finally:
+            if self.events is not None:
+                self.events.close()
             self._close_w()
             with trio.CancelScope(shield=True):
                 await self._close_r()
@@ -354,6 +416,7 @@ class _Session:
                 if facts.runstate == "running":
                     await client.execute("stop")
                     self.stopped = True
+                    self._vm("paused")
                 assert self.w is not None
                 await client.getfd(self.w, self.fdname)
                 self.handed = True
@@ -392,6 +455,9 @@ class _Session:
         while True:
             info: dict[str, Any] = await self.client.execute("query-migrate")
             status = info.get("status")
+            self._qemu(info)
+            if status in _FINAL and self.progress is not None:
+                self.progress.qemu_state(str(status))  # its event may be still unread
             if status == "completed":
                 return info
             if status in ("failed", "cancelled"):
@@ -437,6 +503,7 @@ class _Session:
                     await client.execute("cont")
                     steps.append("VM resumed")
                 status = (await client.execute("query-status"))["status"]
+                self._vm(str(status))
                 outcome = f"the VM is {status}, its migration settings as they were"
             except QMPConnectionError as exc:  # QEMU is gone, or its monitor is
                 steps.append(f"rollback stopped: {exc}")
@@ -465,7 +532,10 @@ class _Session:
                     pass  # it ended meanwhile
                 while status not in _FINAL:
                     status = (await self.client.execute("query-migrate")).get("status")
+                    self._qemu()
                     await trio.sleep(0.05)
+                if self.progress is not None:
+                    self.progress.qemu_state(str(status))
             except QMPConnectionError as exc:
                 status = f"unknown ({exc})"
             nursery.cancel_scope.cancel()

@@ -39,6 +39,7 @@ from ._errors import (
 from ._io import FdSink
 from ._orchestration import COMPLETION_WAIT, POLL_INTERVAL, _fdnames, _Settings
 from ._pipeline import Progress, PumpStats, StateEvent
+from ._progress import Reporter
 from ._registry import Registry
 from ._transport import Sink, Transport
 from ._usecases import RestorePipeline, restore_pipeline
@@ -157,6 +158,7 @@ async def restore_vm(
     on_progress: Callable[[Progress], None] | None = None,
     on_event: Callable[[StateEvent], None] | None = None,
     report: Callable[[str], None] | None = None,
+    progress: Reporter | None = None,
 ) -> RestoreResult:
     """Restore the image (or raw stream, or libvirt save image) at ``uri`` into the
     QEMU behind QMP ``monitor`` (a connected client, or its socket's path), which must
@@ -172,13 +174,53 @@ async def restore_vm(
     :class:`~vmtransport.TransportError`), :class:`~vmtransport.MigrationError` (QEMU's
     load failed), QMP errors. A failed or cancelled restore never lets the VM run; the
     error's message ends with where it left QEMU, and ``report`` gets that too.
+
+    ``progress``, if given (``docs/events.md``), is started and gets the pipeline's
+    progress and states, QEMU's ``query-migrate`` states, the VM's final run state,
+    then the ``result`` or the ``error`` of a :class:`~vmtransport.VMTransportError`.
     """
     if state is not None and state not in STATES:
         raise UsageError(f"state={state!r}: must be one of {', '.join(STATES)}")
+    if progress is None:
+        return await _connect_and_restore(
+            monitor, uri, state, registry, on_progress, on_event, report, None
+        )
+    where = monitor.monitor if isinstance(monitor, QMPClient) else os.fspath(monitor)
+    progress.start("restore", uri=uri, monitor=where)
+    left: list[str] = []
+
+    def tell(line: str) -> None:
+        left.append(line)
+        if report is not None:
+            report(line)
+
+    try:
+        result = await _connect_and_restore(
+            monitor, uri, state, registry, on_progress, on_event, tell, progress
+        )
+    except VMTransportError as exc:
+        progress.error(str(exc), vm=left[-1] if left else None, exit=exc.exit_code)
+        raise
+    progress.state("vm", result.runstate)
+    progress.result(bytes=result.bytes, seconds=result.seconds, uri=uri, vm=result.runstate)
+    return result
+
+
+async def _connect_and_restore(
+    monitor: QMPClient | str | os.PathLike[str],
+    uri: str,
+    state: RunState | None,
+    registry: Registry | None,
+    on_progress: Callable[[Progress], None] | None,
+    on_event: Callable[[StateEvent], None] | None,
+    report: Callable[[str], None] | None,
+    progress: Reporter | None,
+) -> RestoreResult:
+    args = (uri, state, registry, on_progress, on_event, report, progress)
     if isinstance(monitor, QMPClient):
-        return await _restore(monitor, uri, state, registry, on_progress, on_event, report)
+        return await _restore(monitor, *args)
     async with await connect(monitor) as client:
-        return await _restore(client, uri, state, registry, on_progress, on_event, report)
+        return await _restore(client, *args)
 
 
 async def _restore(
@@ -189,6 +231,7 @@ async def _restore(
     on_progress: Callable[[Progress], None] | None,
     on_event: Callable[[StateEvent], None] | None,
     report: Callable[[str], None] | None,
+    progress: Reporter | None,
 ) -> RestoreResult:
     status = str((await client.execute("query-status"))["status"])
     if status != "inmigrate":
@@ -242,6 +285,9 @@ async def _restore(
         pipeline.on_progress(on_progress)
     if on_event is not None:
         pipeline.on_event(on_event)
+    if progress is not None:
+        progress.attach(pipeline)
+        session.progress = progress
     return await session.run(pipeline, uri, state, wanted)
 
 
@@ -262,6 +308,7 @@ class _Session:
         self.stats: PumpStats | None = None
         self.pump_error: BaseException | None = None
         self.outcome = ""  # where a failure left QEMU, for the error message
+        self.progress: Reporter | None = None
 
     def close_r(self) -> None:
         if self.r is not None:
@@ -398,6 +445,8 @@ class _Session:
                     raise damage from None
                 raise
             status = info.get("status")
+            if self.progress is not None and isinstance(status, str):
+                self.progress.qemu_state(status)
             if status == "completed":
                 return info
             if status in ("failed", "cancelled"):

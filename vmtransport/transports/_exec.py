@@ -13,6 +13,7 @@ import signal
 import sys
 from typing import final
 
+from .. import _log
 from .._errors import CommandError, TransportError, io_error
 from .._io import FdSink, FdSource
 from .._transport import Sink, Source, Transport
@@ -53,6 +54,9 @@ class _Child:
         assert self.proc.stderr is not None
         with self.proc.stderr:  # closed at EOF: no fd (or ResourceWarning) left behind
             for raw in self.proc.stderr:
+                if _log.stderr_hook is not None:  # a progress bar or JSON lines own it
+                    _log.stderr_line(raw.decode(errors="replace"))
+                    continue
                 try:
                     sys.stderr.buffer.write(raw)
                     sys.stderr.flush()
