@@ -405,3 +405,30 @@ def test_state_needs_qmp(tmp_path: Path) -> None:
     result = vmt_qmp("restore", "--qmp", "x", "file:y", "--paused", "--running")
     assert result.returncode == 2
     assert "not allowed with argument" in result.stderr
+
+
+def test_events_json_on_a_qmp_restore(qemu: str, tmp_path: Path, saved: Saved) -> None:
+    """--events json on restore --qmp: JSON lines only, QEMU's states, the pipeline's
+    progress up to the image's size, and a result naming the VM's final state; a
+    damaged image gives an error event instead of the error line."""
+    import json
+
+    with destination(qemu, tmp_path, bios=False) as (dst, dsock):
+        result = vmt_qmp("restore", "--qmp", dsock, "--events", "json", f"file:{saved.image}")
+        assert result.returncode == 0, result.stderr
+        events = [json.loads(line) for line in result.stderr.splitlines()]
+        assert dst.status() == "prelaunch"
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "result", kinds
+    qemu_states = [e["state"] for e in events if e["event"] == "state" and e["source"] == "qemu"]
+    assert qemu_states[-1] == "completed", qemu_states
+    final = events[-1]
+    assert final["ok"] is True and final["vm"] == "prelaunch"
+    assert final["bytes"] == saved.image.stat().st_size
+    bad = tmp_path / "bad.img"
+    damage(saved, "payload-flip", bad)
+    with destination(qemu, tmp_path, bios=False) as (dst, dsock):
+        failed = vmt_qmp("restore", "--qmp", dsock, "--events", "json", f"file:{bad}")
+    assert failed.returncode == 1
+    last = json.loads(failed.stderr.splitlines()[-1])
+    assert last["event"] == "error" and "checksum mismatch" in last["message"], last
