@@ -86,17 +86,10 @@ class VMFacts:
         }
 
 
-@dataclass(frozen=True)
-class SaveResult:
-    """What :func:`save_vm` saved, how fast, and where it left the VM."""
+class Figures:
+    """The transfer's figures, from its pump statistics (``stats``)."""
 
-    uri: str
-    stats: PumpStats  #: stream bytes and seconds of the pump
-    vm: VMFacts
-    stopped: bool  #: save_vm stopped the VM (it was running)
-    after: str  #: what was done once the image was complete
-    runstate: str  #: the VM's run state at the end ("" after quit)
-    migration: Mapping[str, Any] = field(default_factory=dict)  #: QEMU's final query-migrate
+    stats: PumpStats
 
     @property
     def bytes(self) -> int:
@@ -109,6 +102,19 @@ class SaveResult:
     @property
     def mib_per_s(self) -> float:
         return self.stats.mib_per_s
+
+
+@dataclass(frozen=True)
+class SaveResult(Figures):
+    """What :func:`save_vm` saved, how fast, and where it left the VM."""
+
+    uri: str
+    stats: PumpStats  #: stream bytes and seconds of the pump
+    vm: VMFacts
+    stopped: bool  #: save_vm stopped the VM (it was running)
+    after: str  #: what was done once the image was complete
+    runstate: str  #: the VM's run state at the end ("" after quit)
+    migration: Mapping[str, Any] = field(default_factory=dict)  #: QEMU's final query-migrate
 
 
 async def query_facts(client: QMPClient) -> VMFacts:

@@ -37,7 +37,7 @@ from ._errors import (
     VMTransportError,
 )
 from ._io import FdSink
-from ._orchestration import COMPLETION_WAIT, POLL_INTERVAL, _fdnames, _Settings
+from ._orchestration import COMPLETION_WAIT, POLL_INTERVAL, Figures, _fdnames, _Settings
 from ._pipeline import Progress, PumpStats, StateEvent
 from ._progress import Reporter
 from ._registry import Registry
@@ -65,7 +65,7 @@ SETTLE_WAIT: Final = 10.0
 
 
 @dataclass(frozen=True)
-class RestoreResult:
+class RestoreResult(Figures):
     """What :func:`restore_vm` restored, how fast, and in which state the VM ended."""
 
     uri: str
@@ -78,18 +78,6 @@ class RestoreResult:
     runstate: str  #: the VM's run state at the end: "running", "paused", "prelaunch"...
     image: Mapping[str, Any] = field(default_factory=dict)  #: the image's metadata
     migration: Mapping[str, Any] = field(default_factory=dict)  #: QEMU's final query-migrate
-
-    @property
-    def bytes(self) -> int:
-        return self.stats.bytes
-
-    @property
-    def seconds(self) -> float:
-        return self.stats.seconds
-
-    @property
-    def mib_per_s(self) -> float:
-        return self.stats.mib_per_s
 
 
 class _HandOver(Sink):
