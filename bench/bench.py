@@ -20,9 +20,20 @@ Images: vmtransport's contenders write and read vmtransport images (the default:
 save:    the producer's limit (a 1 MiB-pipe discard sink), vmtransport odirect: and
          file:, ``exec:cat > FILE``, libvirt_iohelper with an O_DIRECT fd, and on QEMU
          >= 10 native ``file:`` and ``file:`` + mapped-ram + multifd + direct-io.
+         Also ``vmtransport save --qmp SOCKET odirect:IMG --after pause``: vmtransport
+         drives the paused source over a second QMP socket (fd: pipe), timed like the
+         others by QEMU's total-time, and its wall time from the command to its exit
+         goes to --json ("wall") and under the table. (total-time starts at ``migrate``:
+         for an exec: helper that includes its start-up, which QEMU forks then; for
+         --qmp, vmtransport's start-up and QMP set-up come before, so only the wall
+         time counts them.)
 restore: the consumer's limit (the image on tmpfs, spliced into a 1 MiB pipe),
          vmtransport odirect: and file:, ``exec:cat FILE``, ``dd iflag=direct``,
-         libvirt_iohelper with an O_DIRECT fd, and QEMU's native file: loads.
+         libvirt_iohelper with an O_DIRECT fd, and QEMU's native file: loads. Also
+         ``vmtransport restore --qmp SOCKET odirect:IMG --paused`` into the same
+         destination (``-incoming defer`` plus a second QMP socket), reading the --qmp
+         save's image, timed from the command until the destination leaves
+         ``inmigrate`` (its wall time to its exit goes to --json).
 variants (``--variant NAME=PATH[:ENV=VAL,...]``, repeatable): other vmtransports — a
          checkout (its .venv's console script, or this interpreter with the checkout
          first on PYTHONPATH), a virtualenv, a venv's python, or any executable that
@@ -105,10 +116,18 @@ class Contender:
     #: through libvirtd: `virsh save/restore --bypass-cache`, timed from the command to
     #: its return (bench/virsh.py); only on the QEMU libvirt drives (the system's)
     virsh: bool = False
+    #: vmtransport drives QEMU over a second QMP socket: (image, socket) -> argv, run
+    #: under /usr/bin/time instead of a migration URI (uri is unused)
+    qmp: Callable[[Path, str], list[str]] | None = None
 
 
 def timed(cmd: str, cpu: Path) -> str:
     return f"exec:/usr/bin/time -f '%U %S' -o {cpu} {cmd}"
+
+
+def time_argv(cpu: Path) -> list[str]:
+    """What ``timed`` puts before an exec: helper, for a command the bench runs itself."""
+    return ["/usr/bin/time", "-f", "%U %S", "-o", str(cpu)]
 
 
 MAPPED = {"mapped-ram": True, "multifd": True}
@@ -120,6 +139,9 @@ SAVES = [
     Contender("vmtransport save odirect:", lambda i, c: timed(f"{VMT} save odirect:{i}", c)),
     Contender("vmtransport save file:", lambda i, c: timed(f"{VMT} save file:{i}", c),
               image="img-file"),
+    Contender("vmtransport save --qmp odirect:", lambda i, c: "", image="img-qmp",
+              qmp=lambda i, s: [VMT, "save", "--qmp", s, f"odirect:{i}", "--after", "pause",
+                                "--no-progress"]),
     Contender("exec:cat > FILE", lambda i, c: timed(f"sh -c 'cat > {i}'", c), image="img-cat"),
     Contender("libvirt_iohelper (O_DIRECT)",
               lambda i, c: timed(f"{LIMITS} odirect-exec w {i} {IOHELPER} {i} {{fd}}", c),
@@ -144,6 +166,10 @@ RESTORES = [
               lambda i, c: timed(f"{VMT} restore odirect:{i}", c)),
     Contender("vmtransport restore file:", lambda i, c: timed(f"{VMT} restore file:{i}", c),
               image="img-file"),
+    # --paused: as virsh restore's; the source was paused, so the image says so anyway
+    Contender("vmtransport restore --qmp odirect:", lambda i, c: "", image="img-qmp",
+              qmp=lambda i, s: [VMT, "restore", "--qmp", s, f"odirect:{i}", "--paused",
+                                "--no-progress"]),
     Contender("exec:cat FILE", lambda i, c: timed(f"cat {i}", c), image="img-cat"),
     Contender("dd iflag=direct bs=1M",
               lambda i, c: timed(f"dd if={i} iflag=direct bs=1M status=none", c),
@@ -258,6 +284,22 @@ class Run:
     seconds: float
     cpu: float | None
     cached: float | None  # fraction of the image in the page cache afterwards
+    wall: float | None = None  # --qmp contenders: from the command to its exit
+
+
+def qmp_socket(name: str) -> str:
+    """A second QMP socket for vmtransport (the bench's client holds the VM's first;
+    QEMU serves one client per socket); short, outside --dir (107-byte limit)."""
+    return f"/tmp/vmtbench-{name}-{os.getpid()}.sock"
+
+
+def qmp_args(c: Contender, sock: str) -> list[str]:
+    return ["-qmp", f"unix:{sock},server=on,wait=off"] if c.qmp else []
+
+
+def helper_failed(c: Contender, rc: int, err: Path) -> RuntimeError:
+    text = err.read_text(errors="replace").strip() if err.exists() else ""
+    return RuntimeError(f"{c.name}: exit status {rc}: {text}")
 
 
 SETTLE_S = 10
@@ -393,11 +435,25 @@ def run_save(qemu: str, work: Path, src_ram: Path, mem: int, c: Contender) -> Ru
     cpu = work / "cpu"
     assert not image.exists(), "images are removed between rounds (see clear_images)"
     cpu.unlink(missing_ok=True)
-    with VM(qemu, work, name="src", mem_mib=mem, ram_file=src_ram, paused=True) as vm:
+    sock = qmp_socket("src")
+    err = work / "helper.err"
+    helper_wall = None
+    with VM(qemu, work, name="src", mem_mib=mem, ram_file=src_ram, paused=True,
+            extra_args=qmp_args(c, sock)) as vm:
         cold_images(work)
         set_caps(vm, c)
         start = time.monotonic()
-        vm.cmd("migrate", {"uri": c.uri(image, cpu)})
+        if c.qmp is not None:
+            import subprocess
+
+            with open(err, "wb") as f:
+                rc = subprocess.run([*time_argv(cpu), *c.qmp(image, sock)], timeout=600,
+                                    stdin=subprocess.DEVNULL, stdout=f, stderr=f).returncode
+            helper_wall = time.monotonic() - start
+            if rc != 0:
+                raise helper_failed(c, rc, err)
+        else:
+            vm.cmd("migrate", {"uri": c.uri(image, cpu)})
         info = vm.wait_migration(timeout=600, poll=0.01)
         wall = time.monotonic() - start
         if info["status"] != "completed":
@@ -406,9 +462,10 @@ def run_save(qemu: str, work: Path, src_ram: Path, mem: int, c: Contender) -> Ru
         # QEMU 7.2 can answer "completed" before it has stored total-time: ask again.
         time.sleep(0.02)
         seconds = vm.query_migrate().get("total-time", 0) / 1000 or wall
+    Path(sock).unlink(missing_ok=True)
     time.sleep(0.05)  # the helper writes its CPU time as it exits
     return Run(seconds, read_cpu(cpu) if c.helper else None,
-               residency(image) if c.image else None)
+               residency(image) if c.image else None, helper_wall)
 
 
 def run_restore(qemu: str, work: Path, src_ram: Path, mem: int, c: Contender,
@@ -426,13 +483,18 @@ def run_restore(qemu: str, work: Path, src_ram: Path, mem: int, c: Contender,
     anon = DST_MEMORY == "anon"
     cold_images(work)
     dst_history(mem)
+    sock = qmp_socket("dst")
+    helper_wall = None
     with (AnonVM if anon else VM)(qemu, work, name="dst", mem_mib=mem, ram_file=dst_ram,
-                                  incoming="defer") as vm:
+                                  incoming="defer", extra_args=qmp_args(c, sock)) as vm:
         set_caps(vm, c)
         start = time.monotonic()
-        vm.cmd("migrate-incoming", {"uri": c.uri(image, cpu)})
-        status = vm.wait_incoming(timeout=600, poll=0.005)
-        seconds = time.monotonic() - start
+        if c.qmp is not None:
+            status, seconds, helper_wall = qmp_restore(vm, c, image, sock, work, cpu, start)
+        else:
+            vm.cmd("migrate-incoming", {"uri": c.uri(image, cpu)})
+            status = vm.wait_incoming(timeout=600, poll=0.005)
+            seconds = time.monotonic() - start
         if status not in ("prelaunch", "paused", "running"):
             raise RuntimeError(f"{c.name}: destination ended {status}")
         if verify and anon and not virsh.copy_ram(vm.pid, src_ram, into_guest=False):
@@ -441,7 +503,50 @@ def run_restore(qemu: str, work: Path, src_ram: Path, mem: int, c: Contender,
     if verify and not anon and not files_equal(src_ram, dst_ram):
         raise RuntimeError(f"{c.name}: restored RAM differs from the source")
     dst_ram.unlink(missing_ok=True)
-    return Run(seconds, read_cpu(cpu) if c.helper else None, residency(image))
+    Path(sock).unlink(missing_ok=True)
+    return Run(seconds, read_cpu(cpu) if c.helper else None, residency(image), helper_wall)
+
+
+def qmp_restore(vm: VM, c: Contender, image: Path, sock: str, work: Path, cpu: Path,
+                start: float) -> tuple[str, float, float]:
+    """Run ``vmtransport restore --qmp`` into ``vm``; poll its run state as run_restore
+    does after migrate-incoming. Returns the new run state, the seconds until it left
+    ``inmigrate`` and the seconds until the command exited (both from ``start``)."""
+    import subprocess
+
+    from qemuvm import VMError
+
+    assert c.qmp is not None
+    err = work / "helper.err"
+    with open(err, "wb") as f:
+        proc = subprocess.Popen([*time_argv(cpu), *c.qmp(image, sock)],
+                                stdin=subprocess.DEVNULL, stdout=f, stderr=f)
+    try:
+        deadline = start + 600
+        while True:
+            try:
+                status = vm.status()
+            except VMError as exc:  # QEMU exits when its load fails: say why vmtransport did
+                rc = proc.wait(timeout=60)
+                raise helper_failed(c, rc, err) from exc
+            if status != "inmigrate":
+                seconds = time.monotonic() - start
+                break
+            early = proc.poll()
+            if early:
+                raise helper_failed(c, early, err)
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"{c.name}: destination still inmigrate after 600 s")
+            time.sleep(0.005)
+        rc = proc.wait(timeout=600)
+        wall = time.monotonic() - start
+        if rc != 0:
+            raise helper_failed(c, rc, err)
+        return status, seconds, wall
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def validation_cost(stream: Path) -> str:
@@ -560,8 +665,8 @@ def bench_version(version: str, qemu: str, args: argparse.Namespace) -> list[str
         for c in rotated(saves, rnd):
             r = run_save(qemu, work, src_ram, args.mem_mib, c)
             save_runs[c.name].append(r)
-            print(f"  qemu {version} round {rnd + 1} save    {c.name}: {r.seconds:.2f} s",
-                  file=sys.stderr, flush=True)
+            print(f"  qemu {version} round {rnd + 1} save    {c.name}: {r.seconds:.2f} s"
+                  f"{wall_note(r)}", file=sys.stderr, flush=True)
         # The limit serves the bare stream (cat's output) from tmpfs; vmtransport's own
         # saves are images (a 64 KiB header before the same stream).
         if rnd == 0 and (work / "img-cat").exists():
@@ -572,8 +677,8 @@ def bench_version(version: str, qemu: str, args: argparse.Namespace) -> list[str
         for c in rotated(restores, rnd):
             r = run_restore(qemu, work, src_ram, args.mem_mib, c, verify=rnd == 0)
             restore_runs[c.name].append(r)
-            print(f"  qemu {version} round {rnd + 1} restore {c.name}: {r.seconds:.2f} s",
-                  file=sys.stderr, flush=True)
+            print(f"  qemu {version} round {rnd + 1} restore {c.name}: {r.seconds:.2f} s"
+                  f"{wall_note(r)}", file=sys.stderr, flush=True)
         Path("/dev/shm/vmtbench-img").unlink(missing_ok=True)
         clear_images(work)
     shutil.rmtree(work, ignore_errors=True)
@@ -581,7 +686,12 @@ def bench_version(version: str, qemu: str, args: argparse.Namespace) -> list[str
     v = qemu_version(qemu)
     RAW[version] = {"save": {k: [r.seconds for r in rs] for k, rs in save_runs.items()},
                     "restore": {k: [r.seconds for r in rs] for k, rs in restore_runs.items()},
-                    "load": [load_start, load_end]}
+                    "load": [load_start, load_end],
+                    # --qmp contenders: seconds from the command to its exit
+                    "wall": {what: {k: [r.wall for r in rs] for k, rs in runs.items()
+                                    if any(r.wall is not None for r in rs)}
+                             for what, runs in (("save", save_runs),
+                                                ("restore", restore_runs))}}
     load = (f"Load average (1, 5, 15 min) at the start {fmt_load(load_start)}, "
             f"at the end {fmt_load(load_end)}.")
     skipped = ""
@@ -597,10 +707,19 @@ def bench_version(version: str, qemu: str, args: argparse.Namespace) -> list[str
                  if what == "save" else
                  f"QEMU {v}: restore ({args.mem_mib} MiB, {args.rounds} rounds)")
         lines += [table(title, args.mem_mib, runs, cs[0].name, _alone(cs)), ""]
+        walls = [f"{name} {m:.2f} s" for name, rs in runs.items()
+                 if (m := median([r.wall for r in rs])) is not None]
+        if walls:
+            lines += [f"Wall time from the command to its exit (median): {'; '.join(walls)}.",
+                      ""]
         named = [c.name for c in cs if c.name.startswith("variant ")]
         if len(named) > 1:
             lines += [variant_table(f"QEMU {v}: {what}, variants paired", runs, named), ""]
     return lines
+
+
+def wall_note(r: Run) -> str:
+    return "" if r.wall is None else f" (command to exit {r.wall:.2f} s)"
 
 
 def fmt_load(load: tuple[float, float, float]) -> str:
