@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from . import _log
 from ._errors import UsageError, VMTransportError, interrupt_on_signals
@@ -13,9 +13,13 @@ from ._version import __version__
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import TypeVar
+
     from ._buffers import BlockingReader
     from ._pipeline import Pipeline
     from ._progress import Reporter
+
+    T = TypeVar("T")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -188,31 +192,43 @@ def _fail(reporter: Reporter | None, message: str, code: int, vm: str | None = N
     return code
 
 
-def _save_vm(args: argparse.Namespace, verbose: bool, reporter: Reporter | None) -> int:
-    """``save --qmp``: the API's save_vm, under trio (signals cancel it: rolled back)."""
+def _qmp_job(
+    job: Callable[[Callable[[str], None]], Awaitable[T]], reporter: Reporter | None
+) -> T | int:
+    """Run ``job(report)`` under trio (signals cancel it: rolled back). A signal ends it
+    with its own line and where the rollback left the VM (the job's last report), and
+    128 + the signal, as a shell reports a process the signal killed: that exit code is
+    returned instead of the job's result."""
     from ._errors import Interrupted
-    from ._orchestration import save_vm
     from ._pipeline import run_trio
 
-    rolled_back: list[str] = []
+    outcome: list[str] = []
     try:
-        result = run_trio(
-            lambda: save_vm(
-                args.qmp,
-                args.uri,
-                after=args.after or "pause",
-                name=args.name,
-                report=rolled_back.append,
-                progress=reporter,
-            )
-        )
+        return run_trio(lambda: job(outcome.append))
     except Interrupted as exc:
-        if not rolled_back or exc.signum is None:
+        if not outcome or exc.signum is None:
             raise
-        # The signal's own line, and where the rollback left the VM; 128 + the signal,
-        # as a shell reports a process the signal killed.
-        message = f"{exc} ({rolled_back[-1]})"
-        return _fail(reporter, message, 128 + exc.signum, vm=rolled_back[-1])
+        message = f"{exc} ({outcome[-1]})"
+        return _fail(reporter, message, 128 + exc.signum, vm=outcome[-1])
+
+
+def _save_vm(args: argparse.Namespace, verbose: bool, reporter: Reporter | None) -> int:
+    """``save --qmp``: the API's save_vm."""
+    from ._orchestration import save_vm
+
+    result = _qmp_job(
+        lambda report: save_vm(
+            args.qmp,
+            args.uri,
+            after=args.after or "pause",
+            name=args.name,
+            report=report,
+            progress=reporter,
+        ),
+        reporter,
+    )
+    if isinstance(result, int):
+        return result
     if verbose:
         _log.logger().info(
             "saved %s to %s: %d bytes in %.2f s (%.0f MiB/s); VM %s",
@@ -223,23 +239,17 @@ def _save_vm(args: argparse.Namespace, verbose: bool, reporter: Reporter | None)
 
 
 def _restore_vm(args: argparse.Namespace, verbose: bool, reporter: Reporter | None) -> int:
-    """``restore --qmp``: the API's restore_vm, under trio (signals cancel it)."""
-    from ._errors import Interrupted
-    from ._pipeline import run_trio
+    """``restore --qmp``: the API's restore_vm."""
     from ._restore_vm import restore_vm
 
-    outcome: list[str] = []
-    try:
-        result = run_trio(
-            lambda: restore_vm(
-                args.qmp, args.uri, state=args.state, report=outcome.append, progress=reporter
-            )
-        )
-    except Interrupted as exc:
-        if not outcome or exc.signum is None:
-            raise
-        message = f"{exc} ({outcome[-1]})"
-        return _fail(reporter, message, 128 + exc.signum, vm=outcome[-1])
+    result = _qmp_job(
+        lambda report: restore_vm(
+            args.qmp, args.uri, state=args.state, report=report, progress=reporter
+        ),
+        reporter,
+    )
+    if isinstance(result, int):
+        return result
     if verbose:
         _log.logger().info(
             "restored %s into %s: %d bytes in %.2f s (%.0f MiB/s); recorded %s, VM %s",

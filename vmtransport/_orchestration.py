@@ -17,9 +17,9 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 import trio
 
@@ -32,6 +32,8 @@ from ._registry import Registry
 from ._usecases import SavePipeline, save_pipeline
 from .image import ImageWriter
 from .qmp import QMPClient, connect
+
+T = TypeVar("T")
 
 After = Literal["pause", "resume", "quit"]
 AFTER: Final = ("pause", "resume", "quit")
@@ -233,10 +235,43 @@ async def save_vm(
     then the ``result``, or the ``error`` of a :class:`~vmtransport.VMTransportError`
     (a cancelled task leaves the error event to the caller, who knows why).
     """
+
+    async def job(tell: Callable[[str], None] | None) -> SaveResult:
+        if after not in AFTER:
+            raise UsageError(f"after={after!r}: must be one of {', '.join(AFTER)}")
+        return await on_monitor(
+            monitor, lambda client: _save(client, uri, after, name, registry, tell, progress)
+        )
+
+    return await reported(progress, "save", monitor, uri, report, job)
+
+
+async def on_monitor(
+    monitor: QMPClient | str | os.PathLike[str], job: Callable[[QMPClient], Awaitable[T]]
+) -> T:
+    """``job`` on ``monitor``: a connected client (left open), or a socket's path
+    (connected for the job, closed after it)."""
+    if isinstance(monitor, QMPClient):
+        return await job(monitor)
+    async with await connect(monitor) as client:
+        return await job(client)
+
+
+async def reported(
+    progress: Reporter | None,
+    operation: str,
+    monitor: QMPClient | str | os.PathLike[str],
+    uri: str,
+    report: Callable[[str], None] | None,
+    job: Callable[[Callable[[str], None] | None], Awaitable[T]],
+) -> T:
+    """Run ``job(report)`` with ``progress`` (if any) started for ``operation``; a
+    :class:`VMTransportError` becomes its ``error`` event, naming where the rollback
+    left the VM (the last line the job reported)."""
     if progress is None:
-        return await _connect_and_save(monitor, uri, after, name, registry, report, None)
+        return await job(report)
     where = monitor.monitor if isinstance(monitor, QMPClient) else os.fspath(monitor)
-    progress.start("save", uri=uri, monitor=where)
+    progress.start(operation, uri=uri, monitor=where)
     left: list[str] = []  # where a rollback left the VM
 
     def tell(line: str) -> None:
@@ -245,27 +280,10 @@ async def save_vm(
             report(line)
 
     try:
-        return await _connect_and_save(monitor, uri, after, name, registry, tell, progress)
+        return await job(tell)
     except VMTransportError as exc:
         progress.error(str(exc), vm=left[-1] if left else None, exit=exc.exit_code)
         raise
-
-
-async def _connect_and_save(
-    monitor: QMPClient | str | os.PathLike[str],
-    uri: str,
-    after: After,
-    name: str | None,
-    registry: Registry | None,
-    report: Callable[[str], None] | None,
-    progress: Reporter | None,
-) -> SaveResult:
-    if after not in AFTER:
-        raise UsageError(f"after={after!r}: must be one of {', '.join(AFTER)}")
-    if isinstance(monitor, QMPClient):
-        return await _save(monitor, uri, after, name, registry, report, progress)
-    async with await connect(monitor) as client:
-        return await _save(client, uri, after, name, registry, report, progress)
 
 
 async def _save(

@@ -37,13 +37,21 @@ from ._errors import (
     VMTransportError,
 )
 from ._io import FdSink
-from ._orchestration import COMPLETION_WAIT, POLL_INTERVAL, Figures, _fdnames, _Settings
+from ._orchestration import (
+    COMPLETION_WAIT,
+    POLL_INTERVAL,
+    Figures,
+    _fdnames,
+    _Settings,
+    on_monitor,
+    reported,
+)
 from ._pipeline import Progress, PumpStats, StateEvent
 from ._progress import Reporter
 from ._registry import Registry
 from ._transport import Sink, Transport
 from ._usecases import RestorePipeline, restore_pipeline
-from .qmp import QMPClient, connect
+from .qmp import QMPClient
 
 RunState = Literal["running", "paused"]
 STATES: Final = ("running", "paused")
@@ -169,46 +177,23 @@ async def restore_vm(
     """
     if state is not None and state not in STATES:
         raise UsageError(f"state={state!r}: must be one of {', '.join(STATES)}")
-    if progress is None:
-        return await _connect_and_restore(
-            monitor, uri, state, registry, on_progress, on_event, report, None
-        )
-    where = monitor.monitor if isinstance(monitor, QMPClient) else os.fspath(monitor)
-    progress.start("restore", uri=uri, monitor=where)
-    left: list[str] = []
-
-    def tell(line: str) -> None:
-        left.append(line)
-        if report is not None:
-            report(line)
-
-    try:
-        result = await _connect_and_restore(
-            monitor, uri, state, registry, on_progress, on_event, tell, progress
-        )
-    except VMTransportError as exc:
-        progress.error(str(exc), vm=left[-1] if left else None, exit=exc.exit_code)
-        raise
-    progress.state("vm", result.runstate)
-    progress.result(bytes=result.bytes, seconds=result.seconds, uri=uri, vm=result.runstate)
+    result = await reported(
+        progress,
+        "restore",
+        monitor,
+        uri,
+        report,
+        lambda tell: on_monitor(
+            monitor,
+            lambda client: _restore(
+                client, uri, state, registry, on_progress, on_event, tell, progress
+            ),
+        ),
+    )
+    if progress is not None:
+        progress.state("vm", result.runstate)
+        progress.result(bytes=result.bytes, seconds=result.seconds, uri=uri, vm=result.runstate)
     return result
-
-
-async def _connect_and_restore(
-    monitor: QMPClient | str | os.PathLike[str],
-    uri: str,
-    state: RunState | None,
-    registry: Registry | None,
-    on_progress: Callable[[Progress], None] | None,
-    on_event: Callable[[StateEvent], None] | None,
-    report: Callable[[str], None] | None,
-    progress: Reporter | None,
-) -> RestoreResult:
-    args = (uri, state, registry, on_progress, on_event, report, progress)
-    if isinstance(monitor, QMPClient):
-        return await _restore(monitor, *args)
-    async with await connect(monitor) as client:
-        return await _restore(client, *args)
 
 
 async def _restore(

@@ -178,31 +178,34 @@ class VerifyingReader(Sink):
         start = self.stream_length
         self.stream_length += len(data)
         if self._setup is not None:
-            self._hold_setup(data)
+            self._hold_setup(start, data)
         else:
             self._route(start, data)
 
-    def _hold_setup(self, data: memoryview) -> None:
+    def _hold_setup(self, start: int, data: memoryview) -> None:
         """Nothing goes to QEMU until the setup's own checksum holds: QEMU checks the
         setup against its VM and refuses it at once (and ends an exec: helper) before
         the image's end could be read to say the image was damaged."""
         assert self._setup is not None
         length, digest = self._setup
-        self._setup_buf += data
-        if len(self._setup_buf) < length:
-            return
+        if self._setup_buf or len(data) < length:
+            # The setup spans buffers (rare: it is a few hundred bytes): gather it.
+            self._setup_buf += data
+            if len(self._setup_buf) < length:
+                return
+            start = self.stream_length - len(self._setup_buf)
+            data = memoryview(self._setup_buf)
+            self._setup_buf = bytearray()
         self._setup = None
         got = new_hasher()
-        got.update(memoryview(self._setup_buf)[:length])
+        got.update(data[:length])
         if got.hexdigest() != digest:
             self._problem(
                 f"{self.label}: checksum mismatch in the stream's setup (its first {length} "
                 "bytes: configuration, sections, RAM blocks): the image is corrupt; QEMU "
                 "was given none of it"
             )
-        buf, self._setup_buf = self._setup_buf, bytearray()
-        with memoryview(buf) as view:
-            self._route(self.stream_length - len(buf), view)
+        self._route(start, data)
 
     def _route(self, start: int, data: memoryview) -> None:
         """Forward what the parser followed exactly; hold the rest (see the module)."""
