@@ -41,6 +41,16 @@ def _progress_args(p: argparse.ArgumentParser, default: str) -> None:
     )
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: not a number of seconds > 0")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="vmtransport",
@@ -61,6 +71,19 @@ def _parser() -> argparse.ArgumentParser:
         "--after",
         choices=("pause", "resume", "quit"),
         help="with --qmp: what becomes of the VM once its image is complete (default: pause)",
+    )
+    s.add_argument(
+        "--pause-vm",
+        action="store_true",
+        help="with --qmp: stop the VM only once a failover primary is unplugged, and "
+        "have the image restore paused",
+    )
+    s.add_argument(
+        "--unplug-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="with --qmp: how long the guest may take to unplug a failover primary "
+        "before the save is cancelled (default: 30)",
     )
     _progress_args(s, "on with --qmp when stderr is a terminal, else off")
     r = sub.add_parser(
@@ -214,13 +237,15 @@ def _qmp_job(
 
 def _save_vm(args: argparse.Namespace, verbose: bool, reporter: Reporter | None) -> int:
     """``save --qmp``: the API's save_vm."""
-    from ._orchestration import save_vm
+    from ._orchestration import UNPLUG_TIMEOUT, save_vm
 
     result = _qmp_job(
         lambda report: save_vm(
             args.qmp,
             args.uri,
             after=args.after or "pause",
+            pause_vm=args.pause_vm,
+            unplug_timeout=args.unplug_timeout or UNPLUG_TIMEOUT,
             name=args.name,
             report=report,
             progress=reporter,
@@ -301,8 +326,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         restore: _usecases.RestorePipeline | None = None
         if args.command == "save" and args.qmp is not None:
             return _save_vm(args, verbose, reporter)
-        if args.command == "save" and args.after is not None:
-            raise UsageError("--after applies to a save with --qmp only")
+        if args.command == "save":
+            for flag, value in (("--after", args.after), ("--unplug-timeout", args.unplug_timeout),
+                                ("--pause-vm", args.pause_vm or None)):  # fmt: skip
+                if value is not None:
+                    raise UsageError(f"{flag} applies to a save with --qmp only")
         if args.command == "restore" and args.qmp is not None:
             return _restore_vm(args, verbose, reporter)
         if args.command == "restore" and args.state is not None:

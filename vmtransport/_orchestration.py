@@ -26,12 +26,13 @@ import trio
 from . import _log
 from ._buffers import BlockingReader, fd_reader
 from ._errors import MigrationError, QMPConnectionError, QMPError, UsageError, VMTransportError
+from ._failover import FailoverPair, find_pairs, names
 from ._pipeline import PumpStats
 from ._progress import Reporter, image_path
 from ._registry import Registry
 from ._usecases import SavePipeline, save_pipeline
 from .image import ImageWriter
-from .qmp import QMPClient, connect
+from .qmp import EventListener, QMPClient, connect
 
 T = TypeVar("T")
 
@@ -55,8 +56,19 @@ WANTED_PARAMETERS: Final = {"max-bandwidth": UNLIMITED_BANDWIDTH, "downtime-limi
 #: postcopy), wait for a command (pause-before-switchover) or leave out RAM
 #: (x-ignore-shared, release-ram) — an image that a plain QEMU could not load.
 WANTED_CAPABILITIES: Final = {"events": True}
+#: ``max-bandwidth`` (bytes/s) held while the VM still runs and QEMU waits for the guest
+#: to unplug a failover primary: once QEMU goes on, RAM it sends before the save stops
+#: the VM would be sent twice if the guest dirties it. QEMU's rate limit is per 100 ms
+#: window (a tenth of this) and 0 would mean "unlimited", so a few pages a window.
+HOLD_BANDWIDTH: Final = 64 << 10
+#: Seconds a guest gets to unplug a failover primary (a Linux guest takes ~1 s).
+UNPLUG_TIMEOUT: Final = 30.0
+#: Seconds QEMU may stay in ``cancelling``: a cancel while the guest was asked to unplug
+#: a primary waits for that unplug to end (QEMU gives the guest about 20 s more), then
+#: plugs the primary back.
+CANCEL_TIMEOUT: Final = 45.0
 #: Seconds a rollback may take (cancel, wait for QEMU to stop writing, put back).
-ROLLBACK_TIMEOUT: Final = 30.0
+ROLLBACK_TIMEOUT: Final = CANCEL_TIMEOUT + 15.0
 #: Seconds between two ``query-migrate`` polls while the stream flows.
 POLL_INTERVAL: Final = 0.1
 #: Seconds QEMU may take to report "completed" once its stream has ended.
@@ -76,9 +88,10 @@ class VMFacts:
     machine_type: str  #: e.g. "pc-i440fx-7.2"
     runstate: str  #: before the save: running, paused, prelaunch...
     ram_size: int  #: bytes: base + hot-plugged memory
+    failover: tuple[FailoverPair, ...] = ()  #: virtio-net failover pairs
 
     def metadata(self) -> dict[str, Any]:
-        return {
+        meta: dict[str, Any] = {
             "name": self.name,
             "qemu_version": self.qemu_version,
             "qemu_package": self.qemu_package,
@@ -86,6 +99,9 @@ class VMFacts:
             "runstate": self.runstate,
             "ram_size": self.ram_size,
         }
+        if self.failover:
+            meta["failover"] = [pair.metadata() for pair in self.failover]
+        return meta
 
 
 class Figures:
@@ -133,6 +149,7 @@ async def query_facts(client: QMPClient) -> VMFacts:
         machine_type=machine.removesuffix("-machine"),  # QOM's type name for the machine
         runstate=str(status["status"]),
         ram_size=int(memory.get("base-memory", 0)) + int(memory.get("plugged-memory", 0)),
+        failover=tuple(await find_pairs(client)),
     )
 
 
@@ -150,7 +167,8 @@ class _Settings:
         self.wanted_capabilities = capabilities
         self.wanted_parameters = parameters
         self.capabilities: dict[str, bool] = {}  # name -> value before
-        self.parameters: dict[str, Any] = {}
+        self.parameters: dict[str, Any] = {}  # name -> value before, for those changed
+        self.current: dict[str, Any] = {}  # the parameters as QEMU has them now
 
     async def apply(self) -> None:
         caps = await self.client.execute("query-migrate-capabilities")
@@ -161,17 +179,24 @@ class _Settings:
             if state != want:
                 change.append({"capability": name, "state": want})
                 self.capabilities[name] = state
-        params = await self.client.execute("query-migrate-parameters")
+        self.current = dict(await self.client.execute("query-migrate-parameters"))
         if change:
             await self.client.execute("migrate-set-capabilities", {"capabilities": change})
-        wanted = {k: v for k, v in self.wanted_parameters.items() if params.get(k) != v}
+        await self.set(self.wanted_parameters)
+
+    async def set(self, parameters: Mapping[str, Any]) -> None:
+        """Set migration ``parameters`` (those that differ), to be put back later."""
+        wanted = {k: v for k, v in parameters.items() if self.current.get(k) != v}
         if wanted:
-            self.parameters = {k: params[k] for k in wanted}
+            for k in wanted:
+                self.parameters.setdefault(k, self.current[k])
             await self.client.execute("migrate-set-parameters", wanted)
+            self.current.update(wanted)
 
     async def restore(self) -> None:
         if self.parameters:
             await self.client.execute("migrate-set-parameters", self.parameters)
+            self.current.update(self.parameters)
             self.parameters = {}
         if self.capabilities:
             old = [{"capability": k, "state": v} for k, v in self.capabilities.items()]
@@ -209,6 +234,8 @@ async def save_vm(
     uri: str,
     *,
     after: After = "pause",
+    pause_vm: bool = False,
+    unplug_timeout: float = UNPLUG_TIMEOUT,
     name: str | None = None,
     registry: Registry | None = None,
     report: Callable[[str], None] | None = None,
@@ -218,9 +245,18 @@ async def save_vm(
     ``uri``, in the image format of an ``exec:`` save, with the VM's facts from QMP in
     the image's metadata (``vm``: name, QEMU version, machine type, run state, RAM size).
 
-    A running VM is stopped first. Once the image is complete, ``after`` = ``pause``
-    leaves the VM stopped (it and its image cannot diverge), ``resume`` runs it again,
-    ``quit`` ends QEMU. Capabilities and parameters changed for the save are put back.
+    A running VM is stopped first, unless it has a plugged virtio-net failover primary
+    (docs/failover.md): QEMU must first have the guest unplug it, which a stopped guest
+    never does. Such a VM keeps running (RAM held back by a bandwidth limit) until the
+    guest has unplugged it, at most ``unplug_timeout`` seconds, and is stopped the
+    moment it has, before RAM is copied: one pass over RAM either way. ``pause_vm``
+    (QEMU's never-merged ``pause-vm``) also marks the image to come up paused when
+    restored. A paused, crashed or shut-down VM with a plugged primary is refused.
+
+    Once the image is complete, ``after`` = ``pause`` leaves the VM stopped (it and its
+    image cannot diverge), ``resume`` runs it again (and has QEMU plug failover
+    primaries back), ``quit`` ends QEMU. Capabilities and parameters changed for the
+    save are put back.
 
     Raises :class:`~vmtransport.UsageError` (bad ``after``, a migration already running),
     the pipeline's errors (:class:`~vmtransport.TransportError`, ``StreamError``),
@@ -239,8 +275,11 @@ async def save_vm(
     async def job(tell: Callable[[str], None] | None) -> SaveResult:
         if after not in AFTER:
             raise UsageError(f"after={after!r}: must be one of {', '.join(AFTER)}")
+        if not unplug_timeout > 0:
+            raise UsageError(f"unplug_timeout={unplug_timeout!r}: must be a number of seconds > 0")
+        options = _Options(after, pause_vm, unplug_timeout)
         return await on_monitor(
-            monitor, lambda client: _save(client, uri, after, name, registry, tell, progress)
+            monitor, lambda client: _save(client, uri, options, name, registry, tell, progress)
         )
 
     return await reported(progress, "save", monitor, uri, report, job)
@@ -286,10 +325,17 @@ async def reported(
         raise
 
 
+@dataclass(frozen=True)
+class _Options:
+    after: After
+    pause_vm: bool
+    unplug_timeout: float
+
+
 async def _save(
     client: QMPClient,
     uri: str,
-    after: After,
+    options: _Options,
     name: str | None,
     registry: Registry | None,
     report: Callable[[str], None] | None,
@@ -301,6 +347,16 @@ async def _save(
     state = (await client.execute("query-migrate")).get("status", "none")
     if state not in _IDLE:
         raise UsageError(f"QMP monitor {client.monitor}: a migration is already {state}")
+    unplug = [pair for pair in facts.failover if pair.present]
+    if unplug and facts.runstate != "running":
+        # QEMU would wait for ever for a guest that cannot eject the card.
+        raise MigrationError(
+            f"QMP monitor {client.monitor}: the guest cannot unplug failover primary "
+            f"{names(unplug)}: the VM is {facts.runstate}; a save must ask a running "
+            f"guest to unplug it (resume the VM first)"
+        )
+    if progress is not None and unplug:
+        progress.state("failover", "plugged", detail=f"failover primary {names(unplug)}")
 
     r, w = os.pipe2(os.O_CLOEXEC)
     # fd_reader grows the pipe to 1 MiB: a 64 KiB pipe caps a save near 600 MiB/s.
@@ -324,12 +380,17 @@ async def _save(
                 os.close(r)
         raise
     if isinstance(pipeline.image, ImageWriter):
-        pipeline.image.metadata["vm"] = facts.metadata()
+        vm = facts.metadata()
+        if options.pause_vm:
+            vm["pause_vm"] = True  # restore paused (unless told otherwise)
+        pipeline.image.metadata["vm"] = vm
     if progress is not None:
         progress.attach(pipeline)
 
     session = _Session(client, pipeline, reader, r, w, report, progress)
-    return await session.run(facts, after, uri)
+    session.unplug = unplug
+    session.unplug_timeout = options.unplug_timeout
+    return await session.run(facts, options.after, uri)
 
 
 class _Session:
@@ -362,6 +423,9 @@ class _Session:
         self.stats: PumpStats | None = None
         self.pump_error: BaseException | None = None
         self.rolled_back = ""  # where the rollback left the VM, for the error message
+        self.unplug: list[FailoverPair] = []  # plugged failover primaries
+        self.unplug_timeout = UNPLUG_TIMEOUT
+        self.unplugged = False  # the guest unplugged them for this save
 
     def _vm(self, state: str) -> None:
         if self.progress is not None:
@@ -437,7 +501,9 @@ class _Session:
             nursery.start_soon(pump)
             try:
                 await self.settings.apply()
-                if facts.runstate == "running":
+                if self.unplug:  # the guest must run to unplug: RAM waits for the stop
+                    await self.settings.set({"max-bandwidth": HOLD_BANDWIDTH})
+                elif facts.runstate == "running":
                     await client.execute("stop")
                     self.stopped = True
                     self._vm("paused")
@@ -445,9 +511,12 @@ class _Session:
                 await client.getfd(self.w, self.fdname)
                 self.handed = True
                 self._close_w()  # QEMU's copy is the only writer: its close is our EOF
-                await client.execute("migrate", {"uri": f"fd:{self.fdname}"})
-                self.migrating = True
-                self.handed = False  # migrate took the named descriptor
+                with client.listen("MIGRATION") as wake:  # before migrate: none is missed
+                    await client.execute("migrate", {"uri": f"fd:{self.fdname}"})
+                    self.migrating = True
+                    self.handed = False  # migrate took the named descriptor
+                    if self.unplug:
+                        await self._await_unplug(wake)
                 info = await self._follow(pump_done)
                 await pump_done.wait()  # QEMU completed: the pump ends with its EOF
             except BaseException as exc:
@@ -462,6 +531,59 @@ class _Session:
         if error is not None:
             raise error
         return info
+
+    async def _await_unplug(self, wake: EventListener) -> None:
+        """While QEMU waits for the guest to unplug the failover primaries (``setup``,
+        ``wait-unplug``), keep the VM running; once QEMU goes on, stop the VM and lift
+        the bandwidth limit. Raises if the guest does not unplug them within
+        :attr:`unplug_timeout`, or cannot any more (the VM stopped, crashed, shut down)."""
+        client = self.client
+        devices = names(self.unplug)
+        started = time.monotonic()
+        while True:
+            info: dict[str, Any] = await client.execute("query-migrate")
+            status = str(info.get("status"))
+            self._qemu(info)
+            if status in ("failed", "cancelled", "cancelling"):
+                why = info.get("error-desc") or status
+                raise MigrationError(
+                    f"QMP monitor {client.monitor}: QEMU's migration {status} while the "
+                    f"guest was to unplug failover primary {devices}: {why}"
+                )
+            if status not in ("setup", "wait-unplug"):
+                break  # the guest unplugged them (or QEMU did not wait): RAM is next
+            runstate = str((await client.execute("query-status"))["status"])
+            if runstate != "running":
+                raise MigrationError(
+                    f"QMP monitor {client.monitor}: the guest cannot unplug failover "
+                    f"primary {devices} any more: the VM is {runstate}"
+                )
+            waited = time.monotonic() - started
+            if status == "wait-unplug" and self.progress is not None:
+                self.progress.state(
+                    "failover", "wait-unplug",
+                    detail=f"waiting for the guest to unplug {devices}",
+                )  # fmt: skip
+                self.progress.waiting(devices)
+            if waited >= self.unplug_timeout:
+                raise MigrationError(
+                    f"QMP monitor {client.monitor}: the guest did not unplug failover "
+                    f"primary {devices} within {self.unplug_timeout:g} s"
+                )
+            # A MIGRATION event wakes us at once; the poll catches run-state changes.
+            with trio.move_on_after(min(0.25, self.unplug_timeout - waited)):
+                await wake.receive()
+        await client.execute("stop")
+        self.stopped = True
+        self.unplugged = True
+        await self.settings.set({"max-bandwidth": UNLIMITED_BANDWIDTH})
+        if self.progress is not None:
+            self.progress.waiting(None)
+            self.progress.state("failover", "unplugged", detail=f"{devices} unplugged")
+        self._vm("paused")
+        _log.logger().debug(
+            "%s unplugged after %.2f s; VM stopped", devices, time.monotonic() - started
+        )
 
     async def _close_r(self) -> None:
         """Close the read end once no reader thread can read it any more."""
@@ -529,6 +651,12 @@ class _Session:
                 status = (await client.execute("query-status"))["status"]
                 self._vm(str(status))
                 outcome = f"the VM is {status}, its migration settings as they were"
+                if self.unplug and self.migrating:
+                    # QEMU plugs a primary it asked the guest to unplug back in when
+                    # the migration is cancelled or fails (and only then).
+                    outcome = f"{outcome}, failover primary {names(self.unplug)} plugged back"
+                    if self.progress is not None:
+                        self.progress.state("failover", "plugged")
             except QMPConnectionError as exc:  # QEMU is gone, or its monitor is
                 steps.append(f"rollback stopped: {exc}")
                 outcome = "the VM's state is unknown"
@@ -554,11 +682,16 @@ class _Session:
                     await self.client.execute("migrate_cancel")
                 except QMPError:
                     pass  # it ended meanwhile
-                while status not in _FINAL:
-                    status = (await self.client.execute("query-migrate")).get("status")
-                    self._qemu()
-                    await trio.sleep(0.05)
-                if self.progress is not None:
+                with trio.move_on_after(CANCEL_TIMEOUT):
+                    while status not in _FINAL:
+                        status = (await self.client.execute("query-migrate")).get("status")
+                        self._qemu()
+                        await trio.sleep(0.05)
+                if status not in _FINAL:
+                    # QEMU waits for an unplug it asked the guest for: it ends the
+                    # cancel by itself later, plugging the primary back.
+                    status = f"still {status} after {CANCEL_TIMEOUT:g} s"
+                elif self.progress is not None:
                     self.progress.qemu_state(str(status))
             except QMPConnectionError as exc:
                 status = f"unknown ({exc})"

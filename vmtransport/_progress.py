@@ -37,7 +37,7 @@ INTERVAL: Final = 0.25
 #: seconds of history the rate and the ETA are computed over
 RATE_WINDOW: Final = 3.0
 #: where a state comes from (the ``source`` of a ``state`` event)
-SOURCES: Final = ("qemu", "pipeline", "vm")
+SOURCES: Final = ("qemu", "pipeline", "vm", "failover")
 
 Event = dict[str, Any]
 
@@ -115,7 +115,10 @@ class BarRenderer:
         elif kind == "state" and event["source"] in ("qemu", "pipeline"):
             self.phase = str(event["state"])
         elif kind == "progress":
-            self._draw(bar_line(event, self.operation, self.phase, self._columns()))
+            phase = self.phase
+            if isinstance(wait := event.get("unplug"), Mapping):
+                phase = f"waiting for the guest to unplug {wait['devices']}: {wait['waited']:.0f} s"
+            self._draw(bar_line(event, self.operation, phase, self._columns()))
         elif kind == "result":
             self._draw(result_line(event, self.operation), end="\n")
         elif kind == "error":
@@ -213,6 +216,7 @@ class Reporter:
         self.bytes = 0  # the pipeline's bytes, handed to the sink
         self.total: int | None = None
         self.qemu_figures: dict[str, Any] | None = None  # the latest query-migrate figures
+        self.unplug: tuple[str, float] | None = None  # primaries waited for, since when
         self.states: dict[str, str] = {}  # source -> the latest state
         self._samples: deque[tuple[float, int]] = deque()  # (t, bytes)
         self._total_of: Callable[[], int | None] | None = None  # asked until it knows
@@ -364,6 +368,16 @@ class Reporter:
             if event.name == "MIGRATION" and isinstance(status, str):
                 self.qemu_state(status)
 
+    def waiting(self, devices: str | None) -> None:
+        """The save waits from now on for the guest to unplug failover primaries
+        ``devices`` (None: no more); ``progress`` events say so, with the seconds
+        waited."""
+        with self._lock:
+            if devices is None:
+                self.unplug = None
+            elif self.unplug is None or self.unplug[0] != devices:
+                self.unplug = (devices, self._clock())
+
     def state(self, source: str, state: str, **detail: Any) -> None:
         """Any other state change (``source`` one of :data:`SOURCES`); repeats of the
         source's current state are dropped."""
@@ -461,6 +475,9 @@ class Reporter:
         }
         if self.qemu_figures is not None:
             event["qemu"] = dict(self.qemu_figures)
+        if self.unplug is not None:
+            devices, since = self.unplug
+            event["unplug"] = {"devices": devices, "waited": round(now - since, 1)}
         return event
 
 
