@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -56,11 +57,21 @@ WANTED_PARAMETERS: Final = {"max-bandwidth": UNLIMITED_BANDWIDTH, "downtime-limi
 #: postcopy), wait for a command (pause-before-switchover) or leave out RAM
 #: (x-ignore-shared, release-ram) — an image that a plain QEMU could not load.
 WANTED_CAPABILITIES: Final = {"events": True}
-#: ``max-bandwidth`` (bytes/s) held while the VM still runs and QEMU waits for the guest
-#: to unplug a failover primary: once QEMU goes on, RAM it sends before the save stops
-#: the VM would be sent twice if the guest dirties it. QEMU's rate limit is per 100 ms
-#: window (a tenth of this) and 0 would mean "unlimited", so a few pages a window.
-HOLD_BANDWIDTH: Final = 64 << 10
+#: While the VM still runs and QEMU waits for the guest to unplug a failover primary,
+#: ``max-bandwidth`` is held at this share of RAM a second (at least
+#: :data:`HOLD_BANDWIDTH_MIN`): once QEMU goes on, little RAM leaves before the save
+#: stops the VM. After the stop ``downtime-limit`` goes to :data:`MAX_DOWNTIME`, and
+#: QEMU completes at once, sending each page once (in a final pass it does not rate
+#: limit). It completes when what is left fits ``bandwidth x downtime-limit``: at
+#: RAM/1000 per second and 2000 s, twice RAM. Lifting ``max-bandwidth`` instead would
+#: make QEMU send twice every page the guest dirtied while it waited (its dirty bitmap
+#: was synced before the wait): docs/failover.md has the figures.
+HOLD_SHARE: Final = 1000
+HOLD_BANDWIDTH_MIN: Final = 1 << 20
+#: QEMU's largest ``downtime-limit`` (ms).
+MAX_DOWNTIME: Final = 2_000_000
+#: The parameters set once the VM is stopped.
+AFTER_STOP: Final = {"downtime-limit": MAX_DOWNTIME}
 #: Seconds a guest gets to unplug a failover primary (a Linux guest takes ~1 s).
 UNPLUG_TIMEOUT: Final = 30.0
 #: Seconds QEMU may stay in ``cancelling``: a cancel while the guest was asked to unplug
@@ -133,6 +144,10 @@ class SaveResult(Figures):
     after: str  #: what was done once the image was complete
     runstate: str  #: the VM's run state at the end ("" after quit)
     migration: Mapping[str, Any] = field(default_factory=dict)  #: QEMU's final query-migrate
+    #: With a plugged failover primary: seconds the guest took to unplug it, and the RAM
+    #: bytes QEMU sent before the VM was stopped (held back: :data:`HOLD_SHARE`).
+    unplug_seconds: float | None = None
+    sent_running: int | None = None
 
 
 async def query_facts(client: QMPClient) -> VMFacts:
@@ -426,6 +441,8 @@ class _Session:
         self.unplug: list[FailoverPair] = []  # plugged failover primaries
         self.unplug_timeout = UNPLUG_TIMEOUT
         self.unplugged = False  # the guest unplugged them for this save
+        self.unplug_seconds: float | None = None
+        self.sent_running: int | None = None
 
     def _vm(self, state: str) -> None:
         if self.progress is not None:
@@ -461,14 +478,23 @@ class _Session:
                 await client.execute("cont")
                 runstate = str((await client.execute("query-status"))["status"])
                 self._vm(runstate)
+                if self.unplugged:
+                    await self._replug()
             elif after == "quit":
                 await _quit(client)
                 runstate = ""
-            result = SaveResult(uri, self.stats, facts, self.stopped, after, runstate, info)
+            result = SaveResult(
+                uri, self.stats, facts, self.stopped, after, runstate, info,
+                self.unplug_seconds, self.sent_running,
+            )  # fmt: skip
             if self.progress is not None:
+                extra = {}
+                if self.unplug_seconds is not None:
+                    extra = {"unplug_seconds": round(self.unplug_seconds, 3),
+                             "sent_running": self.sent_running}  # fmt: skip
                 self.progress.result(
                     bytes=result.bytes, seconds=result.seconds, uri=uri, path=image_path(uri),
-                    vm_state=runstate or None, after=after,
+                    vm_state=runstate or None, after=after, **extra,
                 )  # fmt: skip
             return result
         finally:
@@ -502,7 +528,8 @@ class _Session:
             try:
                 await self.settings.apply()
                 if self.unplug:  # the guest must run to unplug: RAM waits for the stop
-                    await self.settings.set({"max-bandwidth": HOLD_BANDWIDTH})
+                    hold = max(HOLD_BANDWIDTH_MIN, facts.ram_size // HOLD_SHARE)
+                    await self.settings.set({"max-bandwidth": hold})
                 elif facts.runstate == "running":
                     await client.execute("stop")
                     self.stopped = True
@@ -534,8 +561,8 @@ class _Session:
 
     async def _await_unplug(self, wake: EventListener) -> None:
         """While QEMU waits for the guest to unplug the failover primaries (``setup``,
-        ``wait-unplug``), keep the VM running; once QEMU goes on, stop the VM and lift
-        the bandwidth limit. Raises if the guest does not unplug them within
+        ``wait-unplug``), keep the VM running; once QEMU goes on, stop the VM and
+        have QEMU complete. Raises if the guest does not unplug them within
         :attr:`unplug_timeout`, or cannot any more (the VM stopped, crashed, shut down)."""
         client = self.client
         devices = names(self.unplug)
@@ -576,14 +603,43 @@ class _Session:
         await client.execute("stop")
         self.stopped = True
         self.unplugged = True
-        await self.settings.set({"max-bandwidth": UNLIMITED_BANDWIDTH})
+        self.unplug_seconds = time.monotonic() - started
+        ram = (await client.execute("query-migrate")).get("ram", {})
+        self.sent_running = int(ram.get("transferred", 0))  # all before the stop, at most
+        await self.settings.set(AFTER_STOP)  # complete now
         if self.progress is not None:
             self.progress.waiting(None)
             self.progress.state("failover", "unplugged", detail=f"{devices} unplugged")
         self._vm("paused")
         _log.logger().debug(
-            "%s unplugged after %.2f s; VM stopped", devices, time.monotonic() - started
-        )
+            "%s unplugged after %.2f s; VM stopped, %d RAM bytes sent before",
+            devices, self.unplug_seconds, self.sent_running,
+        )  # fmt: skip
+
+    async def _replug(self) -> None:
+        """Have QEMU plug the failover primaries the guest unplugged for this save back
+        in. QEMU does so by itself only when a migration fails or is cancelled, never
+        after one completed; so start one that fails at once: to a unix socket that
+        cannot exist (QEMU fails it in connect, before its setup could ask the guest
+        for an unplug), in a directory made for it and already gone."""
+        client = self.client
+        devices = names(self.unplug)
+        with tempfile.TemporaryDirectory(prefix="vmtransport-replug-") as gone:
+            path = os.path.join(gone, "none")
+        await client.execute("migrate", {"uri": f"unix:{path}"})
+        status = "setup"
+        with trio.move_on_after(COMPLETION_WAIT):
+            while status not in _FINAL:
+                await trio.sleep(0.01)
+                status = str((await client.execute("query-migrate")).get("status"))
+        if status != "failed":
+            raise MigrationError(
+                f"QMP monitor {client.monitor}: the image is complete and the VM resumed, "
+                f"but failover primary {devices} could not be plugged back: the migration "
+                f"that has QEMU do it ended {status}"
+            )
+        if self.progress is not None:
+            self.progress.state("failover", "plugged", detail=f"{devices} plugged back")
 
     async def _close_r(self) -> None:
         """Close the read end once no reader thread can read it any more."""

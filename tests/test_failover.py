@@ -1,0 +1,364 @@
+"""``save --qmp`` of a VM with a virtio-net failover pair (and ``--pause-vm``), against
+real QEMU 7.2 and 10.0 with the guest played through qtest (tests/failover_guest.py):
+the VM runs until the guest unplugs the primary, then stops before RAM is copied; a
+guest that never lets go, a paused guest or a signal leave the VM running with its
+primary plugged back and no image.
+
+The witness that a primary is plugged: a new migration asks the guest to unplug it
+(``UNPLUG_PRIMARY``); QEMU asks only while it is plugged (query-pci lists it either way).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from failover_guest import PRIMARY, STANDBY, FailoverVM, failover_vm
+from helpers import VMT
+from qemuvm import describe_difference, files_equal
+
+pytestmark = pytest.mark.qemu
+TIMEOUT = 120
+#: QEMU keeps a cancelled migration in ``cancelling`` for up to 30 s while it waits for
+#: an unplug it asked the guest for; the save's bound on it is 45 s.
+CANCEL_BOUND = 45.0
+
+
+def start_save(fo: FailoverVM, image: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [str(VMT), "save", "--qmp", fo.sock, f"file:{image}", "--events", "json", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def events(stderr: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stderr.splitlines()]
+
+
+def running_with_primary(fo: FailoverVM) -> None:
+    fo.guest.negotiate()
+    fo.plug_primary()
+    fo.vm.cmd("cont")
+
+
+def eject_when_asked(fo: FailoverVM, delay: float = 0.5) -> None:
+    """The guest's driver: it ejects the primary ``delay`` s after QEMU asked."""
+    assert fo.vm.qmp.wait_event("UNPLUG_PRIMARY", timeout=30)["data"] == {"device-id": PRIMARY}
+    time.sleep(delay)
+    fo.eject()
+
+
+def assert_primary_plugged(fo: FailoverVM, tmp: Path) -> None:
+    """A new migration asks the guest to unplug the primary: it is plugged. The guest
+    then ejects it, so the witness migration completes (and leaves the VM postmigrate)."""
+    fo.vm.migrate(f"exec:cat > {tmp / 'witness'}")
+    eject_when_asked(fo, 0.0)
+    assert fo.vm.wait_migration(timeout=60)["status"] == "completed"
+
+
+def settings(fo: FailoverVM) -> tuple[Any, ...]:
+    params = fo.vm.cmd("query-migrate-parameters")
+    caps = {c["capability"]: c["state"] for c in fo.vm.cmd("query-migrate-capabilities")}
+    return params["max-bandwidth"], params["downtime-limit"], caps
+
+
+def test_guest_unplugs_then_the_vm_stops(qemu: str, tmp_path: Path) -> None:
+    """The guest gets the time it needs: the VM runs through ``wait-unplug`` (1.5 s
+    here), stops the moment the primary is out, and the stream records ``paused``. The
+    progress events say whom the save waits for, and for how long; the image records
+    the pair. ``--after resume`` runs the VM again and has QEMU plug the primary back."""
+    image = tmp_path / "a.sav"
+    with failover_vm(qemu, tmp_path) as fo:
+        running_with_primary(fo)
+        before = settings(fo)
+        proc = start_save(fo, image, "--after", "resume")
+        eject_when_asked(fo, 1.5)
+        assert fo.vm.status() == "running", "the VM stopped before the guest unplugged"
+        _, err = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 0, err
+        assert fo.vm.status() == "running"
+        assert settings(fo) == before
+        evs = events(err)
+        failover = [(e["state"], e.get("detail")) for e in evs if e.get("source") == "failover"]
+        assert failover[:3] == [
+            ("plugged", f"failover primary {PRIMARY}"),
+            ("wait-unplug", f"waiting for the guest to unplug {PRIMARY}"),
+            ("unplugged", f"{PRIMARY} unplugged"),
+        ], failover
+        assert failover[-1] == ("plugged", f"{PRIMARY} plugged back"), failover
+        waited = [e["unplug"]["waited"] for e in evs if "unplug" in e]
+        assert waited and max(waited) >= 1.0, waited  # seconds waited, in the events
+        assert all(e["unplug"]["devices"] == PRIMARY for e in evs if "unplug" in e)
+        # The VM was stopped after the unplug, before the copy: the stream says paused.
+        doc = json.loads(
+            subprocess.run([str(VMT), "inspect", "--json", str(image)], capture_output=True,
+                           text=True, check=True).stdout
+        )  # fmt: skip
+        assert doc["stream"]["runstate"] == "paused"
+        vm = doc["image"]["metadata"]["vm"]
+        assert vm["failover"] == [{"standby": STANDBY, "primary": PRIMARY}]
+        assert vm["runstate"] == "running"
+        result = evs[-1]
+        assert result["event"] == "result" and result["unplug_seconds"] >= 1.5
+        # RAM sent while the VM still ran: a few pages at most (the bandwidth held).
+        assert result["sent_running"] < 1 << 20, result
+        assert_primary_plugged(fo, tmp_path)
+
+
+@pytest.mark.fault(
+    "save --qmp: the guest never unplugs the failover primary",
+    direction="qmp",
+    vm="running, primary plugged back, settings put back",
+    disk="no image",
+    exit="1",
+    message="the guest did not unplug failover primary ID within N s",
+)
+def test_guest_never_unplugs(qemu: str, tmp_path: Path) -> None:
+    image = tmp_path / "a.sav"
+    with failover_vm(qemu, tmp_path) as fo:
+        running_with_primary(fo)
+        before = settings(fo)
+        t0 = time.monotonic()
+        proc = start_save(fo, image, "--unplug-timeout", "3")
+        _, err = proc.communicate(timeout=TIMEOUT)
+        took = time.monotonic() - t0
+        assert proc.returncode == 1, err
+        error = events(err)[-1]
+        assert error["event"] == "error"
+        assert f"did not unplug failover primary {PRIMARY} within 3 s" in error["message"]
+        assert error["message"].endswith(f"failover primary {PRIMARY} plugged back)")
+        assert 3 <= took < 3 + CANCEL_BOUND, took
+        assert fo.vm.status() == "running"
+        assert fo.vm.query_migrate()["status"] == "cancelled"
+        assert settings(fo) == before
+        assert not image.exists() and list(tmp_path.glob("a.sav*")) == []
+        assert_primary_plugged(fo, tmp_path)
+
+
+@pytest.mark.fault(
+    "save --qmp: a paused guest cannot unplug its failover primary",
+    direction="qmp",
+    vm="untouched (paused)",
+    disk="no image",
+    exit="1",
+    message="the guest cannot unplug failover primary ID: the VM is paused",
+)
+def test_paused_guest_is_refused_at_once(qemu: str, tmp_path: Path) -> None:
+    image = tmp_path / "a.sav"
+    with failover_vm(qemu, tmp_path) as fo:
+        running_with_primary(fo)
+        fo.vm.cmd("stop")
+        t0 = time.monotonic()
+        proc = start_save(fo, image, "--pause-vm")
+        _, err = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 1, err
+        assert time.monotonic() - t0 < 5
+        message = events(err)[-1]["message"]
+        assert f"the guest cannot unplug failover primary {PRIMARY}: the VM is paused" in message
+        assert fo.vm.status() == "paused"
+        assert fo.vm.query_migrate().get("status", "none") == "none"  # never started
+        assert not image.exists() and list(tmp_path.glob("a.sav*")) == []
+
+
+@pytest.mark.fault(
+    "save --qmp: the VM stops while the guest is to unplug",
+    direction="qmp",
+    vm="paused (as it was made), primary plugged back, settings put back",
+    disk="no image",
+    exit="1",
+    message="the guest cannot unplug failover primary ID any more: the VM is paused",
+)
+def test_vm_stopped_while_waiting_is_cancelled_at_once(qemu: str, tmp_path: Path) -> None:
+    """Someone pauses the VM during ``wait-unplug``: the save does not wait for its
+    timeout. (The qtest guest then ejects during the cancel, which a paused guest could
+    not, only so that QEMU's cancel ends in a second, not in 30.)"""
+    image = tmp_path / "a.sav"
+    with failover_vm(qemu, tmp_path) as fo:
+        running_with_primary(fo)
+        proc = start_save(fo, image, "--unplug-timeout", "60")
+        fo.vm.qmp.wait_event("UNPLUG_PRIMARY", timeout=30)
+        t0 = time.monotonic()
+        fo.vm.cmd("stop")
+        fo.vm.qmp.wait_event("MIGRATION", timeout=10, match={"status": "cancelling"})
+        assert time.monotonic() - t0 < 2
+        fo.eject()
+        _, err = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 1, err
+        message = events(err)[-1]["message"]
+        assert f"cannot unplug failover primary {PRIMARY} any more: the VM is paused" in message
+        assert fo.vm.query_migrate()["status"] == "cancelled"
+        assert not image.exists() and list(tmp_path.glob("a.sav*")) == []
+
+
+@pytest.mark.fault(
+    "save --qmp: a signal while the guest is to unplug",
+    direction="qmp",
+    vm="running, primary plugged back, settings put back",
+    disk="no image",
+    exit="143",
+    message="interrupted by SIGTERM (the VM is running, ..., failover primary ID plugged back)",
+)
+def test_sigterm_while_waiting_for_the_unplug(qemu: str, tmp_path: Path) -> None:
+    image = tmp_path / "a.sav"
+    with failover_vm(qemu, tmp_path) as fo:
+        running_with_primary(fo)
+        before = settings(fo)
+        proc = start_save(fo, image)
+        fo.vm.qmp.wait_event("MIGRATION", timeout=30, match={"status": "wait-unplug"})
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 143, err
+        assert time.monotonic() - t0 < CANCEL_BOUND + 5
+        error = events(err)[-1]
+        assert "SIGTERM" in error["message"], error
+        assert error["vm"].endswith(f"failover primary {PRIMARY} plugged back"), error
+        assert fo.vm.status() == "running"
+        assert fo.vm.query_migrate()["status"] == "cancelled"
+        assert settings(fo) == before
+        assert not image.exists() and list(tmp_path.glob("a.sav*")) == []
+        assert_primary_plugged(fo, tmp_path)
+
+
+#: A 64 KiB BIOS for a busy guest: from the reset vector it enters 32-bit protected mode
+#: and rewrites RAM from 1 MiB up with ``rep stosl``, a new non-zero value each pass, for
+#: ever (KVM: the whole of 128 MiB about every 30 ms). Its vCPU is what writes, so
+#: ``stop`` stops it, as it stops a real guest. Assembled from (GNU as, ``--32``)::
+#:
+#:     .code16                              # at 0xF0000 (CS base after the far jump)
+#:     cli; mov $0xf000,%ax; mov %ax,%ds
+#:     lgdtl gdt_ptr                        # flat 4 GiB code (0x08) and data (0x10)
+#:     mov %cr0,%eax; or $1,%eax; mov %eax,%cr0
+#:     ljmpl $0x08,$(0xf0000+pm32)
+#:     .code32
+#:     pm32: mov $0x10,%ax; mov %ax,%ds; mov %ax,%es; mov %ax,%fs; mov %ax,%gs
+#:     mov %ax,%ss                          # (a real-mode FS/GS makes KVM emulate)
+#:     mov $0x01010101,%eax
+#:     again: mov $0x100000,%edi; mov $COUNT,%ecx; rep stosl
+#:     add $0x01010101,%eax; jnz again; mov $0x01010101,%eax; jmp again
+#:     gdt: .quad 0, 0x00cf9b000000ffff, 0x00cf93000000ffff  # accessed bits set: the
+#:                                          # CPU would write them, into ROM
+#:     gdt_ptr: .word 23; .long 0xf0000+gdt
+#:     .org 0xfff0; ljmp $0xf000,$0         # the reset vector
+BUSY_CODE = bytes.fromhex(
+    "fab800f08ed8660f011668000f20c06683c8010f22c066ea1e000f00080066b810008ed88ec0"
+    "8ee08ee88ed0b801010101bf00001000b978563412f3ab050101010175edb801010101ebe68d"
+    "742600900000000000000000ffff0000009bcf00ffff00000093cf00170050000f00"
+)
+BUSY_COUNT_AT = 55  # offset of COUNT's 4 bytes
+RESET_VECTOR = bytes.fromhex("ea000000f0")
+
+
+def busy_bios(tmp: Path, mem_mib: int) -> Path:
+    """The busy BIOS for a VM of ``mem_mib`` MiB (it writes up to 1 MiB below the end)."""
+    code = bytearray(BUSY_CODE)
+    assert code[BUSY_COUNT_AT : BUSY_COUNT_AT + 4] == bytes.fromhex("78563412")
+    code[BUSY_COUNT_AT : BUSY_COUNT_AT + 4] = (((mem_mib - 2) << 20) // 4).to_bytes(4, "little")
+    image = bytearray(b"\xf4" * 65536)
+    image[: len(code)] = code
+    image[0xFFF0 : 0xFFF0 + len(RESET_VECTOR)] = RESET_VECTOR
+    path = tmp / "busy.bin"
+    path.write_bytes(bytes(image))
+    return path
+
+
+def vcpu_edi(fo: FailoverVM) -> str:
+    """Where the busy guest writes (its EDI register)."""
+    registers = fo.vm.cmd("human-monitor-command", {"command-line": "info registers"})
+    return str(registers).split("EDI=")[1][:8]
+
+
+def stopped_stream_size(fo: FailoverVM, tmp: Path) -> int:
+    """The length of a stop-then-save of the same VM (QEMU's own ``migrate`` into a
+    file): one pass over RAM as it is now."""
+    fo.vm.cmd("stop")
+    stream = tmp / "stopped.stream"
+    fo.vm.migrate(f"exec:cat > {stream}")
+    assert fo.vm.wait_migration(timeout=60)["status"] == "completed"
+    return stream.stat().st_size
+
+
+#: A target that takes the stream at about 40 MiB/s (QEMU's migration then lasts ~3 s
+#: for 128 MiB, long enough for a running busy guest to dirty a good part of its RAM).
+SLOW_CAT = (
+    "python3 -c 'import sys, time\n"
+    "while b := sys.stdin.buffer.read(1 << 20): sys.stdout.buffer.write(b); time.sleep(0.025)'"
+)
+
+
+@pytest.mark.parametrize("dirtier", ["vcpu", "qemu"])
+def test_busy_guest_pause_vm_is_one_pass(qemu: str, tmp_path: Path, dirtier: str) -> None:
+    """A guest whose vCPU rewrites its RAM without pause (busy_bios) and takes 1 s to
+    unplug, saved with ``--pause-vm`` through a slow target: the stream is as long as a
+    stop-then-save's (within 2 %), while the same guest migrated running through the
+    same target makes a stream at least 10 % longer.
+
+    ``qemu``: its RAM is also rewritten through qtest while QEMU waits for the unplug
+    (until QEMU goes on). QEMU's own dirty bitmap records these writes, as it records a
+    TCG guest's (KVM's dirty log forgets writes made before a page is sent): a save
+    that kept iterating after the stop would send each such page twice."""
+    image = tmp_path / "a.sav"
+    mem = 128
+    with failover_vm(qemu, tmp_path, mem_mib=mem, bios=busy_bios(tmp_path, mem)) as fo:
+        running_with_primary(fo)
+        first = vcpu_edi(fo)
+        time.sleep(0.3)
+        assert vcpu_edi(fo) != first  # the guest is busy
+        target = f"exec:{SLOW_CAT} > {image}"
+        proc = subprocess.Popen(
+            [str(VMT), "save", "--qmp", fo.sock, target, "--events", "json", "--pause-vm"],
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        fo.vm.qmp.wait_event("UNPLUG_PRIMARY", timeout=30)
+        if dirtier == "qemu":
+            fo.guest.dirty(1 << 20, (mem - 1) << 20)
+        time.sleep(1.0)
+        fo.eject()
+        if dirtier == "qemu":
+            fo.vm.qmp.wait_event("MIGRATION", timeout=30, match={"status": "active"})
+            assert fo.guest.stop_dirty() > mem << 20  # RAM rewritten while QEMU waited
+        _, err = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 0, err
+        length = events(err)[-1]["bytes"]
+        fo.vm.cmd("cont")  # postmigrate -> running, busy again (the primary is out)
+        stopped = stopped_stream_size(fo, tmp_path)
+        assert abs(length - stopped) <= 0.02 * stopped, (length, stopped)
+        fo.vm.cmd("cont")
+        running = tmp_path / "running.stream"
+        fo.vm.migrate(f"exec:{SLOW_CAT} > {running}")
+        assert fo.vm.wait_migration(timeout=TIMEOUT)["status"] == "completed"
+        assert running.stat().st_size > 1.1 * stopped, (running.stat().st_size, stopped)
+        print(f"pause-vm {length}, stopped {stopped}, running {running.stat().st_size}")
+
+
+def test_restore_of_a_failover_vm(qemu: str, tmp_path: Path) -> None:
+    """The destination has the same pair (its primary hidden until the standby is
+    negotiated): ``restore --qmp`` loads the image, the primary is plugged (QEMU's
+    ``FAILOVER_NEGOTIATED`` during the load, reported), RAM is byte-identical, and an
+    image saved with ``--pause-vm`` comes up paused."""
+    image = tmp_path / "a.sav"
+    with failover_vm(qemu, tmp_path) as src:
+        running_with_primary(src)
+        proc = start_save(src, image, "--pause-vm")
+        eject_when_asked(src, 0.2)
+        _, err = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 0, err
+        src_ram = src.ram_file
+        with failover_vm(qemu, tmp_path, name="dst", incoming=True) as dst:
+            done = subprocess.run(
+                [str(VMT), "restore", "--qmp", dst.sock, f"file:{image}", "--events", "json"],
+                capture_output=True, text=True, timeout=TIMEOUT,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            evs = events(done.stderr)
+            failover = [(e["state"], e.get("detail")) for e in evs if e.get("source") == "failover"]
+            assert ("negotiated", f"{PRIMARY} plugged (standby {STANDBY} negotiated)") in failover
+            assert dst.vm.status() == "paused"  # --pause-vm
+            assert files_equal(src_ram, dst.ram_file), describe_difference(src_ram, dst.ram_file)
+            assert dst.vm.cmd("qom-get", path=f"/machine/peripheral/{PRIMARY}", property="type")
