@@ -62,16 +62,14 @@ def one(qemu: str, tmp: Path, mem: int, kind: str, dirtier: str) -> dict[str, fl
                 fo.vm.qmp.wait_event("MIGRATION", timeout=30, match={"status": "active"})
                 fo.guest.stop_dirty()
 
-        t = threading.Thread(target=guest)
         if kind in ("stopped", "running"):
             limits = {"max-bandwidth": _orchestration.UNLIMITED_BANDWIDTH, "downtime-limit": 1}
             fo.vm.cmd("migrate-set-parameters", limits)
             if kind == "stopped":
                 fo.vm.cmd("stop")
             out = tmp / "stream"
-            t.start()
             fo.vm.migrate(f"exec:cat > {out}")
-            t.join()
+            guest()  # this thread: the harness's QMP client is not thread-safe
             info = fo.vm.wait_migration(timeout=300)
             assert info["status"] == "completed", info
             return {"bytes": out.stat().st_size, "sent_running": float("nan")}
@@ -81,6 +79,7 @@ def one(qemu: str, tmp: Path, mem: int, kind: str, dirtier: str) -> dict[str, fl
             _orchestration.AFTER_STOP = {"max-bandwidth": unlimited}  # type: ignore[misc]
         if kind == "unheld":
             _orchestration.HOLD_BANDWIDTH_MIN = unlimited  # type: ignore[misc]  # no hold
+        t = threading.Thread(target=guest)
         t.start()
         try:
             result = trio.run(

@@ -21,6 +21,7 @@ import pytest
 from failover_guest import PRIMARY, STANDBY, FailoverVM, failover_vm
 from helpers import VMT
 from qemuvm import describe_difference, files_equal
+from qmp_vms import destination, source_vm
 
 pytestmark = pytest.mark.qemu
 TIMEOUT = 120
@@ -39,6 +40,13 @@ def start_save(fo: FailoverVM, image: Path, *args: str) -> subprocess.Popen[str]
 
 def events(stderr: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in stderr.splitlines()]
+
+
+def inspect(image: Path) -> dict[str, Any]:
+    done = subprocess.run(
+        [str(VMT), "inspect", "--json", str(image)], capture_output=True, text=True, check=True
+    )
+    return dict(json.loads(done.stdout))
 
 
 def running_with_primary(fo: FailoverVM) -> None:
@@ -96,10 +104,7 @@ def test_guest_unplugs_then_the_vm_stops(qemu: str, tmp_path: Path) -> None:
         assert waited and max(waited) >= 1.0, waited  # seconds waited, in the events
         assert all(e["unplug"]["devices"] == PRIMARY for e in evs if "unplug" in e)
         # The VM was stopped after the unplug, before the copy: the stream says paused.
-        doc = json.loads(
-            subprocess.run([str(VMT), "inspect", "--json", str(image)], capture_output=True,
-                           text=True, check=True).stdout
-        )  # fmt: skip
+        doc = inspect(image)
         assert doc["stream"]["runstate"] == "paused"
         vm = doc["image"]["metadata"]["vm"]
         assert vm["failover"] == [{"standby": STANDBY, "primary": PRIMARY}]
@@ -362,3 +367,27 @@ def test_restore_of_a_failover_vm(qemu: str, tmp_path: Path) -> None:
             assert dst.vm.status() == "paused"  # --pause-vm
             assert files_equal(src_ram, dst.ram_file), describe_difference(src_ram, dst.ram_file)
             assert dst.vm.cmd("qom-get", path=f"/machine/peripheral/{PRIMARY}", property="type")
+
+
+def test_pause_vm_without_a_failover_pair(qemu: str, tmp_path: Path) -> None:
+    """No failover pair: ``--pause-vm`` is a stop-then-save whose image restores paused
+    (the plain save of the same running VM restores running)."""
+    with source_vm(qemu, tmp_path, paused=False) as (vm, sock):
+        for flags, expected in ((["--pause-vm"], "paused"), ([], "running")):
+            image = tmp_path / f"{expected}.sav"
+            done = subprocess.run(
+                [str(VMT), "save", "--qmp", sock, f"file:{image}", *flags, "--after", "resume"],
+                capture_output=True, text=True, timeout=TIMEOUT,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            assert vm.status() == "running"
+            doc = inspect(image)
+            assert doc["stream"]["runstate"] == "paused"  # stopped before the copy
+            assert "failover" not in doc["image"]["metadata"]["vm"]
+            with destination(qemu, tmp_path) as (dst, dsock):
+                done = subprocess.run(
+                    [str(VMT), "restore", "--qmp", dsock, f"file:{image}"],
+                    capture_output=True, text=True, timeout=TIMEOUT,
+                )  # fmt: skip
+                assert done.returncode == 0, done.stderr
+                assert dst.status() == expected

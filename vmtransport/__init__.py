@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from ._hookspecs import hookimpl
     from ._inspect import describe as inspect_image
     from ._inspect import verify as verify_image
+    from ._failover import FailoverPair
     from ._orchestration import SaveResult, VMFacts, save_vm
     from ._pipeline import (
         STATES,
@@ -76,6 +77,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "Interrupted": ("._errors", "Interrupted"),
     "MigrationError": ("._errors", "MigrationError"),
     "SaveResult": ("._orchestration", "SaveResult"),
+    "FailoverPair": ("._failover", "FailoverPair"),
     "VMFacts": ("._orchestration", "VMFacts"),
     "save_vm": ("._orchestration", "save_vm"),
     "RestoreResult": ("._restore_vm", "RestoreResult"),
@@ -118,6 +120,7 @@ __all__ = [
     "URI",
     "BarRenderer",
     "CommandError",
+    "FailoverPair",
     "Interrupted",
     "JsonRenderer",
     "MigrationError",
