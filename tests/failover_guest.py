@@ -34,12 +34,14 @@ from typing import Any
 from qemuvm import MIB, VM, VMError, make_ram_file
 
 __all__ = [
+    "DIRTY_CTRL",
     "PRIMARY",
     "PRIMARY_PROPS",
     "STANDBY",
     "FailoverVM",
     "Guest",
     "QtestError",
+    "dirty_bios",
     "failover_vm",
     "halt_bios",
 ]
@@ -79,6 +81,37 @@ def halt_bios(tmp: Path) -> Path:
     path = tmp / "hlt.bin"
     if not path.exists():
         path.write_bytes(b"\xf4" * 65536)
+    return path
+
+
+# A busy guest that stops when the VM stops, as a real one does (a qtest writer would go on
+# writing RAM while the VM is paused). Machine code assembled from
+# /work/wt/notes/dirty_bios.S (GNU as --32; ld -Ttext 0 --oformat binary): at the reset
+# vector, enter flat 32-bit protected mode; unless the control block holds the magic, halt;
+# else rewrite [start, end) with `rep stosl` of a new non-zero dword per pass, count the
+# passes, and halt once the stop flag is set (checked between passes).
+_DIRTY_CODE = bytes.fromhex(
+    "fa2e660f011688000f20c06683c8010f22c066ea1a000f00080066b810008ed8"
+    "8ec08ed0813d00700000444952547535bb0100005a833d047000000075278b3d"
+    "087000008b0d0c70000029f9c1e90289d8fcf3abff051070000081c301010101"
+    "83cb01ebd0faf4ebfc8db426000000000000000000000000ffff0000009acf00"
+    "ffff00000092cf00170070000f00"
+)
+#: The dirtying guest's control block (guest-physical): magic, stop, start, end, passes.
+DIRTY_CTRL = 0x7000
+_DIRTY_MAGIC = 0x54524944  # "DIRT"
+
+
+def dirty_bios(tmp: Path) -> Path:
+    """The 64 KiB BIOS of the dirtying guest: its code at offset 0, HLT elsewhere, and at
+    the reset vector (offset 0xFFF0) a far jump to F000:0000 (= offset 0)."""
+    path = tmp / "dirty.bin"
+    if not path.exists():
+        image = bytearray(_DIRTY_CODE + b"\xf4" * (65536 - len(_DIRTY_CODE)))
+        # ljmp $0xf000, $0: CS base 0xF0000 (the ISA alias): KVM here (no unrestricted
+        # guest?) hangs on a far jump to protected mode from CS base 0xFFFF0000.
+        image[0xFFF0:0xFFF5] = bytes.fromhex("ea000000f0")
+        path.write_bytes(bytes(image))
     return path
 
 
@@ -326,6 +359,35 @@ class Guest:
         d, self._dirtier = self._dirtier, None
         return d.stop() if d is not None else 0
 
+    # -- a busy guest whose own vCPU writes (failover_vm(..., bios="dirty"))
+    def arm_cpu_dirtier(self, start: int, end: int) -> None:
+        """Before ``cont``: tell the dirtying BIOS to rewrite [start, end) (4-byte
+        aligned, inside RAM, clear of the control block's page) until stopped. It then
+        runs exactly while the VM runs."""
+        if start % 4 or end % 4 or not DIRTY_CTRL + 4096 <= start < end:
+            raise ValueError(f"bad dirtying range [{start:#x}, {end:#x})")
+        self.write(
+            DIRTY_CTRL,
+            b"".join(v.to_bytes(4, "little") for v in (_DIRTY_MAGIC, 0, start, end, 0)),
+        )
+
+    def stop_cpu_dirtier(self, timeout: float = 10.0) -> int:
+        """Set the stop flag; if the VM runs, wait until the vCPU has finished its pass
+        (the counter stops moving). Returns the passes made."""
+        self.writel(DIRTY_CTRL + 4, 1)
+        passes = self.cpu_dirtier_passes()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            now = self.cpu_dirtier_passes()
+            if now == passes:
+                return now
+            passes = now
+        raise QtestError("the dirtying guest did not stop")
+
+    def cpu_dirtier_passes(self) -> int:
+        return self.readl(DIRTY_CTRL + 16)
+
 
 class Dirtier:
     """The thread of ``Guest.dirty``."""
@@ -439,7 +501,8 @@ def failover_vm(
     mem_mib: int = 64,
     random_ram: bool = True,
     primary_on_cmdline: bool | None = None,
-    bios: Path | None = None,
+    bios: str = "halt",
+    accel: str | None = None,
     extra_args: list[str] | None = None,
 ) -> Iterator[FailoverVM]:
     """Start QEMU (q35, ``-S``, KVM when usable, a HLT BIOS) with the standby on root0
@@ -449,7 +512,9 @@ def failover_vm(
     primary is on the command line (hidden by QEMU until the standby is negotiated);
     a source's primary is on the command line only with ``primary_on_cmdline=True``,
     else the test plugs it with ``plug_primary()`` after ``negotiate()``. A source's RAM
-    file is random when ``random_ram``.
+    file is random when ``random_ram``. ``bios="dirty"`` boots the dirtying guest
+    (``Guest.arm_cpu_dirtier`` before ``cont``; TCG unless ``accel`` says otherwise);
+    the default halts.
     """
     if primary_on_cmdline is None:
         primary_on_cmdline = incoming
@@ -461,7 +526,7 @@ def failover_vm(
     sock = os.path.join(sockdir, "qmp2.sock")
     args = [
         "-qmp", f"unix:{sock},server=on,wait=off",
-        "-bios", str(bios or halt_bios(tmp)),
+        "-bios", str(dirty_bios(tmp) if bios == "dirty" else halt_bios(tmp)),
         "-device", f"pcie-root-port,id={ROOT_PORTS[0]},bus=pcie.0,addr=0x1,chassis=1",
         "-device", f"pcie-root-port,id={ROOT_PORTS[1]},bus=pcie.0,addr=0x2,chassis=2",
         "-netdev", "hubport,id=hs0,hubid=0",
@@ -470,6 +535,7 @@ def failover_vm(
         f"virtio-net-pci,id={STANDBY},bus={ROOT_PORTS[0]},netdev=hs0,failover=on,"
         "mac=52:54:00:11:22:33,rombar=0,romfile=",
         "-qtest", f"unix:{qtest_path}",
+        "-qtest-log", "/dev/null",
         *(["-device", primary_device()] if primary_on_cmdline else []),
         *(extra_args or []),
     ]  # fmt: skip
@@ -484,6 +550,9 @@ def failover_vm(
         incoming="defer" if incoming else None,
         extra_args=args,
         machine="q35",
+        # This host's KVM (kvm_pvm) never gets the dirtying BIOS past its switch to
+        # protected mode (stuck at the far jump); TCG runs it (~765 MiB/s of writes).
+        accel=accel or ("tcg" if bios == "dirty" else None),
     )
     guest: Guest | None = None
     try:
