@@ -457,6 +457,19 @@ class FailoverVM:
         """The guest lets the primary go (ACPI eject of root1's slot 0)."""
         self.guest.eject(self.bsel(), 0)
 
+    def plug_generation(self) -> int:
+        """N of the ``child[N]`` link naming the primary on its bus: 0 after device_add,
+        one more at every replug (QEMU re-parents the device), unchanged by an unplug.
+        The only QMP-visible trace of a replug (seen on 7.2 and 10.0)."""
+        bus = self.vm.cmd("qom-get", path=f"/machine/peripheral/{PRIMARY}", property="parent_bus")
+        for prop in self.vm.cmd("qom-list", path=bus):
+            name = str(prop["name"])
+            if name.startswith("child[") and str(prop["type"]).startswith("link<"):
+                target = self.vm.cmd("qom-get", path=bus, property=name)
+                if target == f"/machine/peripheral/{PRIMARY}":
+                    return int(name[len("child[") : -1])
+        raise VMError(f"{PRIMARY} is not linked from its bus {bus}")
+
     def unplug_requested(self) -> bool:
         """True while QEMU asks the guest to remove the primary (ACPI 'down' bit)."""
         return bool(self.guest.pending_down(self.bsel()) & 1)
