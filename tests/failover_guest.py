@@ -10,12 +10,19 @@ Debian's QEMU has no qtest accelerator)::
         fo.plug_primary()             # device_add primary0 (failover_pair_id=standby0)
         fo.vm.cmd("cont")
         fo.vm.migrate(f"exec:cat > {tmp / 'stream'}")   # UNPLUG_PRIMARY, wait-unplug
-        fo.guest.eject()              # the guest lets the primary go -> active
+        fo.eject()                    # the guest lets the primary go -> active
         fo.vm.wait_migration()
 
 ``fo.sock`` is a second QMP socket for vmtransport (QEMU serves one client per socket;
 ``fo.vm`` holds the first). The layout is that of QEMU's own failover test: q35, two
 ``pcie-root-port``s at 00:01.0 (root0, the standby) and 00:02.0 (root1, the primary).
+A destination (``incoming=True``) has the primary on its command line, hidden until the
+load brings the negotiated standby (FAILOVER_NEGOTIATED fires during ``migrate-incoming``).
+
+A busy guest: ``bios="dirty"`` boots a tiny BIOS whose vCPU rewrites RAM while the VM runs
+and stops with it (``Guest.arm_cpu_dirtier`` before ``cont``); ``Guest.dirty`` is a qtest
+writer thread, faster but blind to the run state. ``FailoverVM.plug_generation`` is the
+QMP-visible trace of a replug. Measured facts: /work/wt/notes/failover-facts.md.
 """
 
 from __future__ import annotations
@@ -347,8 +354,10 @@ class Guest:
     # -- a busy guest
     def dirty(self, start: int, end: int, chunk: int = 8 * MIB) -> Dirtier:
         """Start rewriting guest RAM [start, end) over and over (qtest ``memset`` of
-        ``chunk`` bytes at a time, a new non-zero value each pass) in a thread; stop it
-        with ``stop_dirty()`` or the returned object's ``stop()``."""
+        ``chunk`` bytes at a time, a new non-zero value each pass; ~9 GiB/s here) in a
+        thread; stop it with ``stop_dirty()`` or the returned object's ``stop()``. It
+        goes on while the VM is paused, unlike a real guest: stop it before ``stop``, or
+        use the dirtying BIOS when something else stops the VM."""
         self.stop_dirty()
         self._dirtier = Dirtier(self, start, end, chunk)
         self._dirtier.start()
@@ -517,6 +526,7 @@ def failover_vm(
     bios: str = "halt",
     accel: str | None = None,
     extra_args: list[str] | None = None,
+    paused: bool = True,
 ) -> Iterator[FailoverVM]:
     """Start QEMU (q35, ``-S``, KVM when usable, a HLT BIOS) with the standby on root0
     and a qtest chardev; yield a FailoverVM.
@@ -527,7 +537,8 @@ def failover_vm(
     else the test plugs it with ``plug_primary()`` after ``negotiate()``. A source's RAM
     file is random when ``random_ram``. ``bios="dirty"`` boots the dirtying guest
     (``Guest.arm_cpu_dirtier`` before ``cont``; TCG unless ``accel`` says otherwise);
-    the default halts.
+    the default halts. ``paused=False`` drops ``-S`` (for a destination that should run
+    after the load; a source needs ``-S`` until ``negotiate()``).
     """
     if primary_on_cmdline is None:
         primary_on_cmdline = incoming
@@ -559,7 +570,7 @@ def failover_vm(
         name=name,
         mem_mib=mem_mib,
         ram_file=ram,
-        paused=True,
+        paused=paused,
         incoming="defer" if incoming else None,
         extra_args=args,
         machine="q35",
