@@ -92,11 +92,62 @@ def halt_bios(tmp: Path) -> Path:
 
 
 # A busy guest that stops when the VM stops, as a real one does (a qtest writer would go on
-# writing RAM while the VM is paused). Machine code assembled from
-# /work/wt/notes/dirty_bios.S (GNU as --32; ld -Ttext 0 --oformat binary): at the reset
-# vector, enter flat 32-bit protected mode; unless the control block holds the magic, halt;
-# else rewrite [start, end) with `rep stosl` of a new non-zero dword per pass, count the
-# passes, and halt once the stop flag is set (checked between passes).
+# writing RAM while the VM is paused): at the reset vector, enter flat 32-bit protected
+# mode; unless the control block holds the magic, halt; else rewrite [start, end) with
+# `rep stosl` of a new non-zero dword per pass, count the passes, and halt once the stop
+# flag is set (checked between passes). Assembled with `as --32` and
+# `ld -m elf_i386 -Ttext 0 --oformat binary` from:
+#
+#   # A 64 KiB BIOS whose vCPU rewrites guest RAM for ever (tests/failover_guest.py).
+#   # Control block in RAM at 0x7000 (written by the test over qtest before `cont`):
+#   #   +0 magic "DIRT" (0x54524944) else halt, +4 stop flag (non-zero: halt),
+#   #   +8 start address, +12 end address, +16 pass counter (written by the guest).
+#       .set BASE, 0xF0000   # the ISA alias of the BIOS; reset vector: ljmp $0xf000, $0
+#       .set CTRL, 0x7000
+#       .code16
+#       .text
+#   start:
+#       cli
+#       lgdtl %cs:gdt_desc
+#       movl %cr0, %eax
+#       orl $1, %eax
+#       movl %eax, %cr0
+#       ljmpl $0x08, $(BASE + pm32)
+#       .code32
+#   pm32:
+#       movw $0x10, %ax
+#       movw %ax, %ds
+#       movw %ax, %es
+#       movw %ax, %ss
+#       cmpl $0x54524944, CTRL
+#       jne halt
+#       movl $0x5a000001, %ebx
+#   again:
+#       cmpl $0, CTRL + 4
+#       jne halt
+#       movl CTRL + 8, %edi
+#       movl CTRL + 12, %ecx
+#       subl %edi, %ecx
+#       shrl $2, %ecx
+#       movl %ebx, %eax
+#       cld
+#       rep stosl
+#       incl CTRL + 16
+#       addl $0x01010101, %ebx
+#       orl $1, %ebx
+#       jmp again
+#   halt:
+#       cli
+#       hlt
+#       jmp halt
+#       .p2align 3
+#   gdt:
+#       .quad 0
+#       .quad 0x00CF9A000000FFFF   # 0x08: flat 32-bit code
+#       .quad 0x00CF92000000FFFF   # 0x10: flat 32-bit data
+#   gdt_desc:
+#       .word gdt_desc - gdt - 1
+#       .long BASE + gdt
 _DIRTY_CODE = bytes.fromhex(
     "fa2e660f011688000f20c06683c8010f22c066ea1a000f00080066b810008ed8"
     "8ec08ed0813d00700000444952547535bb0100005a833d047000000075278b3d"
