@@ -10,12 +10,19 @@ Debian's QEMU has no qtest accelerator)::
         fo.plug_primary()             # device_add primary0 (failover_pair_id=standby0)
         fo.vm.cmd("cont")
         fo.vm.migrate(f"exec:cat > {tmp / 'stream'}")   # UNPLUG_PRIMARY, wait-unplug
-        fo.guest.eject()              # the guest lets the primary go -> active
+        fo.eject()                    # the guest lets the primary go -> active
         fo.vm.wait_migration()
 
 ``fo.sock`` is a second QMP socket for vmtransport (QEMU serves one client per socket;
 ``fo.vm`` holds the first). The layout is that of QEMU's own failover test: q35, two
 ``pcie-root-port``s at 00:01.0 (root0, the standby) and 00:02.0 (root1, the primary).
+A destination (``incoming=True``) has the primary on its command line, hidden until the
+load brings the negotiated standby (FAILOVER_NEGOTIATED fires during ``migrate-incoming``).
+
+A busy guest: ``bios="dirty"`` boots a tiny BIOS whose vCPU rewrites RAM while the VM runs
+and stops with it (``Guest.arm_cpu_dirtier`` before ``cont``); ``Guest.dirty`` is a qtest
+writer thread, faster but blind to the run state. ``FailoverVM.plug_generation`` is the
+QMP-visible trace of a replug. Measured facts: /work/wt/notes/failover-facts.md.
 """
 
 from __future__ import annotations
@@ -34,12 +41,14 @@ from typing import Any
 from qemuvm import MIB, VM, VMError, make_ram_file
 
 __all__ = [
+    "DIRTY_CTRL",
     "PRIMARY",
     "PRIMARY_PROPS",
     "STANDBY",
     "FailoverVM",
     "Guest",
     "QtestError",
+    "dirty_bios",
     "failover_vm",
     "halt_bios",
 ]
@@ -79,6 +88,88 @@ def halt_bios(tmp: Path) -> Path:
     path = tmp / "hlt.bin"
     if not path.exists():
         path.write_bytes(b"\xf4" * 65536)
+    return path
+
+
+# A busy guest that stops when the VM stops, as a real one does (a qtest writer would go on
+# writing RAM while the VM is paused): at the reset vector, enter flat 32-bit protected
+# mode; unless the control block holds the magic, halt; else rewrite [start, end) with
+# `rep stosl` of a new non-zero dword per pass, count the passes, and halt once the stop
+# flag is set (checked between passes). Assembled with `as --32` and
+# `ld -m elf_i386 -Ttext 0 --oformat binary` from:
+#
+#   # A 64 KiB BIOS whose vCPU rewrites guest RAM for ever (tests/failover_guest.py).
+#   # Control block in RAM at 0x7000 (written by the test over qtest before `cont`):
+#   #   +0 magic "DIRT" (0x54524944) else halt, +4 stop flag (non-zero: halt),
+#   #   +8 start address, +12 end address, +16 pass counter (written by the guest).
+#       .set BASE, 0xF0000   # the ISA alias of the BIOS; reset vector: ljmp $0xf000, $0
+#       .set CTRL, 0x7000
+#       .code16
+#       .text
+#   start:
+#       cli
+#       lgdtl %cs:gdt_desc
+#       movl %cr0, %eax
+#       orl $1, %eax
+#       movl %eax, %cr0
+#       ljmpl $0x08, $(BASE + pm32)
+#       .code32
+#   pm32:
+#       movw $0x10, %ax
+#       movw %ax, %ds
+#       movw %ax, %es
+#       movw %ax, %ss
+#       cmpl $0x54524944, CTRL
+#       jne halt
+#       movl $0x5a000001, %ebx
+#   again:
+#       cmpl $0, CTRL + 4
+#       jne halt
+#       movl CTRL + 8, %edi
+#       movl CTRL + 12, %ecx
+#       subl %edi, %ecx
+#       shrl $2, %ecx
+#       movl %ebx, %eax
+#       cld
+#       rep stosl
+#       incl CTRL + 16
+#       addl $0x01010101, %ebx
+#       orl $1, %ebx
+#       jmp again
+#   halt:
+#       cli
+#       hlt
+#       jmp halt
+#       .p2align 3
+#   gdt:
+#       .quad 0
+#       .quad 0x00CF9A000000FFFF   # 0x08: flat 32-bit code
+#       .quad 0x00CF92000000FFFF   # 0x10: flat 32-bit data
+#   gdt_desc:
+#       .word gdt_desc - gdt - 1
+#       .long BASE + gdt
+_DIRTY_CODE = bytes.fromhex(
+    "fa2e660f011688000f20c06683c8010f22c066ea1a000f00080066b810008ed8"
+    "8ec08ed0813d00700000444952547535bb0100005a833d047000000075278b3d"
+    "087000008b0d0c70000029f9c1e90289d8fcf3abff051070000081c301010101"
+    "83cb01ebd0faf4ebfc8db426000000000000000000000000ffff0000009acf00"
+    "ffff00000092cf00170070000f00"
+)
+#: The dirtying guest's control block (guest-physical): magic, stop, start, end, passes.
+DIRTY_CTRL = 0x7000
+_DIRTY_MAGIC = 0x54524944  # "DIRT"
+
+
+def dirty_bios(tmp: Path) -> Path:
+    """The 64 KiB BIOS of the dirtying guest: its code at offset 0, HLT elsewhere, and at
+    the reset vector (offset 0xFFF0) a far jump to F000:0000 (= offset 0)."""
+    path = tmp / "dirty.bin"
+    if not path.exists():
+        image = bytearray(_DIRTY_CODE + b"\xf4" * (65536 - len(_DIRTY_CODE)))
+        # ljmp $0xf000, $0: CS base 0xF0000 (the ISA alias): KVM here (no unrestricted
+        # guest?) hangs on a far jump to protected mode from CS base 0xFFFF0000.
+        image[0xFFF0:0xFFF5] = bytes.fromhex("ea000000f0")
+        path.write_bytes(bytes(image))
     return path
 
 
@@ -314,8 +405,10 @@ class Guest:
     # -- a busy guest
     def dirty(self, start: int, end: int, chunk: int = 8 * MIB) -> Dirtier:
         """Start rewriting guest RAM [start, end) over and over (qtest ``memset`` of
-        ``chunk`` bytes at a time, a new non-zero value each pass) in a thread; stop it
-        with ``stop_dirty()`` or the returned object's ``stop()``."""
+        ``chunk`` bytes at a time, a new non-zero value each pass; ~9 GiB/s here) in a
+        thread; stop it with ``stop_dirty()`` or the returned object's ``stop()``. It
+        goes on while the VM is paused, unlike a real guest: stop it before ``stop``, or
+        use the dirtying BIOS when something else stops the VM."""
         self.stop_dirty()
         self._dirtier = Dirtier(self, start, end, chunk)
         self._dirtier.start()
@@ -325,6 +418,35 @@ class Guest:
         """Stop the dirtying thread if any; return the bytes it wrote."""
         d, self._dirtier = self._dirtier, None
         return d.stop() if d is not None else 0
+
+    # -- a busy guest whose own vCPU writes (failover_vm(..., bios="dirty"))
+    def arm_cpu_dirtier(self, start: int, end: int) -> None:
+        """Before ``cont``: tell the dirtying BIOS to rewrite [start, end) (4-byte
+        aligned, inside RAM, clear of the control block's page) until stopped. It then
+        runs exactly while the VM runs."""
+        if start % 4 or end % 4 or not DIRTY_CTRL + 4096 <= start < end:
+            raise ValueError(f"bad dirtying range [{start:#x}, {end:#x})")
+        self.write(
+            DIRTY_CTRL,
+            b"".join(v.to_bytes(4, "little") for v in (_DIRTY_MAGIC, 0, start, end, 0)),
+        )
+
+    def stop_cpu_dirtier(self, timeout: float = 10.0) -> int:
+        """Set the stop flag; if the VM runs, wait until the vCPU has finished its pass
+        (the counter stops moving). Returns the passes made."""
+        self.writel(DIRTY_CTRL + 4, 1)
+        passes = self.cpu_dirtier_passes()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            now = self.cpu_dirtier_passes()
+            if now == passes:
+                return now
+            passes = now
+        raise QtestError("the dirtying guest did not stop")
+
+    def cpu_dirtier_passes(self) -> int:
+        return self.readl(DIRTY_CTRL + 16)
 
 
 class Dirtier:
@@ -395,6 +517,19 @@ class FailoverVM:
         """The guest lets the primary go (ACPI eject of root1's slot 0)."""
         self.guest.eject(self.bsel(), 0)
 
+    def plug_generation(self) -> int:
+        """N of the ``child[N]`` link naming the primary on its bus: 0 after device_add,
+        one more at every replug (QEMU re-parents the device), unchanged by an unplug.
+        The only QMP-visible trace of a replug (seen on 7.2 and 10.0)."""
+        bus = self.vm.cmd("qom-get", path=f"/machine/peripheral/{PRIMARY}", property="parent_bus")
+        for prop in self.vm.cmd("qom-list", path=bus):
+            name = str(prop["name"])
+            if name.startswith("child[") and str(prop["type"]).startswith("link<"):
+                target = self.vm.cmd("qom-get", path=bus, property=name)
+                if target == f"/machine/peripheral/{PRIMARY}":
+                    return int(name[len("child[") : -1])
+        raise VMError(f"{PRIMARY} is not linked from its bus {bus}")
+
     def unplug_requested(self) -> bool:
         """True while QEMU asks the guest to remove the primary (ACPI 'down' bit)."""
         return bool(self.guest.pending_down(self.bsel()) & 1)
@@ -439,8 +574,10 @@ def failover_vm(
     mem_mib: int = 64,
     random_ram: bool = True,
     primary_on_cmdline: bool | None = None,
-    bios: Path | None = None,
+    bios: str = "halt",
+    accel: str | None = None,
     extra_args: list[str] | None = None,
+    paused: bool = True,
 ) -> Iterator[FailoverVM]:
     """Start QEMU (q35, ``-S``, KVM when usable, a HLT BIOS) with the standby on root0
     and a qtest chardev; yield a FailoverVM.
@@ -449,7 +586,10 @@ def failover_vm(
     primary is on the command line (hidden by QEMU until the standby is negotiated);
     a source's primary is on the command line only with ``primary_on_cmdline=True``,
     else the test plugs it with ``plug_primary()`` after ``negotiate()``. A source's RAM
-    file is random when ``random_ram``.
+    file is random when ``random_ram``. ``bios="dirty"`` boots the dirtying guest
+    (``Guest.arm_cpu_dirtier`` before ``cont``; TCG unless ``accel`` says otherwise);
+    the default halts. ``paused=False`` drops ``-S`` (for a destination that should run
+    after the load; a source needs ``-S`` until ``negotiate()``).
     """
     if primary_on_cmdline is None:
         primary_on_cmdline = incoming
@@ -461,7 +601,7 @@ def failover_vm(
     sock = os.path.join(sockdir, "qmp2.sock")
     args = [
         "-qmp", f"unix:{sock},server=on,wait=off",
-        "-bios", str(bios or halt_bios(tmp)),
+        "-bios", str(dirty_bios(tmp) if bios == "dirty" else halt_bios(tmp)),
         "-device", f"pcie-root-port,id={ROOT_PORTS[0]},bus=pcie.0,addr=0x1,chassis=1",
         "-device", f"pcie-root-port,id={ROOT_PORTS[1]},bus=pcie.0,addr=0x2,chassis=2",
         "-netdev", "hubport,id=hs0,hubid=0",
@@ -470,6 +610,7 @@ def failover_vm(
         f"virtio-net-pci,id={STANDBY},bus={ROOT_PORTS[0]},netdev=hs0,failover=on,"
         "mac=52:54:00:11:22:33,rombar=0,romfile=",
         "-qtest", f"unix:{qtest_path}",
+        "-qtest-log", "/dev/null",
         *(["-device", primary_device()] if primary_on_cmdline else []),
         *(extra_args or []),
     ]  # fmt: skip
@@ -480,10 +621,13 @@ def failover_vm(
         name=name,
         mem_mib=mem_mib,
         ram_file=ram,
-        paused=True,
+        paused=paused,
         incoming="defer" if incoming else None,
         extra_args=args,
         machine="q35",
+        # This host's KVM (kvm_pvm) never gets the dirtying BIOS past its switch to
+        # protected mode (stuck at the far jump); TCG runs it (~765 MiB/s of writes).
+        accel=accel or ("tcg" if bios == "dirty" else None),
     )
     guest: Guest | None = None
     try:
