@@ -26,10 +26,10 @@ if TYPE_CHECKING:
         UsageError,
         VMTransportError,
     )
+    from ._failover import FailoverPair
     from ._hookspecs import hookimpl
     from ._inspect import describe as inspect_image
     from ._inspect import verify as verify_image
-    from ._failover import FailoverPair
     from ._orchestration import SaveResult, VMFacts, save_vm
     from ._pipeline import (
         STATES,

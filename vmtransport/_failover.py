@@ -92,3 +92,23 @@ async def find_pairs(client: QMPClient) -> list[FailoverPair]:
 def names(pairs: list[FailoverPair]) -> str:
     """``hostdev0`` or ``hostdev0, hostdev1``: the primaries a guest must unplug."""
     return ", ".join(p.primary for p in pairs if p.primary is not None)
+
+
+async def plug_generation(client: QMPClient, pair: FailoverPair) -> int | None:
+    """How many times QEMU has plugged the primary back: N of the ``child[N]`` link that
+    names it on its bus, which grows by one at every replug (QEMU re-parents the device)
+    and stays as it is through an unplug. The only trace of a replug QMP shows (seen on
+    QEMU 7.2 and 10.0); None if it cannot be read."""
+    path = pair.primary_path
+    if path is None:
+        return None
+    try:
+        bus = await client.execute("qom-get", {"path": path, "property": "parent_bus"})
+        for prop in await client.execute("qom-list", {"path": bus}):
+            name = str(prop.get("name", ""))
+            if name.startswith("child[") and str(prop.get("type", "")).startswith("link<"):
+                if await client.execute("qom-get", {"path": bus, "property": name}) == path:
+                    return int(name[len("child[") : -1])
+    except (QMPError, ValueError, TypeError):
+        pass
+    return None

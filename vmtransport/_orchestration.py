@@ -27,13 +27,13 @@ import trio
 from . import _log
 from ._buffers import BlockingReader, fd_reader
 from ._errors import MigrationError, QMPConnectionError, QMPError, UsageError, VMTransportError
-from ._failover import FailoverPair, find_pairs, names
+from ._failover import FailoverPair, find_pairs, names, plug_generation
 from ._pipeline import PumpStats
 from ._progress import Reporter, image_path
 from ._registry import Registry
 from ._usecases import SavePipeline, save_pipeline
 from .image import ImageWriter
-from .qmp import EventListener, QMPClient, connect
+from .qmp import Event, EventListener, QMPClient, connect
 
 T = TypeVar("T")
 
@@ -441,6 +441,8 @@ class _Session:
         self.unplug: list[FailoverPair] = []  # plugged failover primaries
         self.unplug_timeout = UNPLUG_TIMEOUT
         self.unplugged = False  # the guest unplugged them for this save
+        self.unplug_requested = False  # QEMU asked the guest to (UNPLUG_PRIMARY)
+        self.generations: dict[str, int | None] = {}  # primary -> plug_generation before
         self.unplug_seconds: float | None = None
         self.sent_running: int | None = None
 
@@ -538,7 +540,10 @@ class _Session:
                 await client.getfd(self.w, self.fdname)
                 self.handed = True
                 self._close_w()  # QEMU's copy is the only writer: its close is our EOF
-                with client.listen("MIGRATION") as wake:  # before migrate: none is missed
+                for pair in self.unplug:
+                    self.generations[str(pair.primary)] = await plug_generation(client, pair)
+                # Listening before migrate: no event is missed.
+                with client.listen("MIGRATION", "UNPLUG_PRIMARY") as wake:
                     await client.execute("migrate", {"uri": f"fd:{self.fdname}"})
                     self.migrating = True
                     self.handed = False  # migrate took the named descriptor
@@ -577,7 +582,9 @@ class _Session:
                     f"QMP monitor {client.monitor}: QEMU's migration {status} while the "
                     f"guest was to unplug failover primary {devices}: {why}"
                 )
-            if status not in ("setup", "wait-unplug"):
+            if status == "wait-unplug":
+                self.unplug_requested = True
+            elif status != "setup":
                 break  # the guest unplugged them (or QEMU did not wait): RAM is next
             runstate = str((await client.execute("query-status"))["status"])
             if runstate != "running":
@@ -599,7 +606,9 @@ class _Session:
                 )
             # A MIGRATION event wakes us at once; the poll catches run-state changes.
             with trio.move_on_after(min(0.25, self.unplug_timeout - waited)):
-                await wake.receive()
+                self._note(await wake.receive())
+            while (event := wake.get_nowait()) is not None:
+                self._note(event)
         await client.execute("stop")
         self.stopped = True
         self.unplugged = True
@@ -615,6 +624,31 @@ class _Session:
             "%s unplugged after %.2f s; VM stopped, %d RAM bytes sent before",
             devices, self.unplug_seconds, self.sent_running,
         )  # fmt: skip
+
+    def _note(self, event: Event) -> None:
+        if event.name == "UNPLUG_PRIMARY":
+            self.unplug_requested = True
+
+    async def _replugged(self) -> tuple[str, bool]:
+        """Whether QEMU plugged the primaries it asked the guest to unplug back in (it
+        does when a migration fails or is cancelled): the rollback's words, and True
+        unless one is seen not plugged back."""
+        if not self.unplug_requested:
+            return f"failover primary {names(self.unplug)} untouched", True
+        back, not_back = [], []
+        for pair in self.unplug:
+            before = self.generations.get(str(pair.primary))
+            after = await plug_generation(self.client, pair)
+            if before is not None and after is not None and after <= before:
+                not_back.append(str(pair.primary))
+            else:  # grown, or unknown: QEMU's rule is to replug
+                back.append(str(pair.primary))
+        if self.progress is not None and back:
+            self.progress.state("failover", "plugged", detail=f"{', '.join(back)} plugged back")
+        words = [f"failover primary {', '.join(back)} plugged back"] if back else []
+        if not_back:
+            words.append(f"failover primary {', '.join(not_back)} NOT plugged back")
+        return ", ".join(words), not not_back
 
     async def _replug(self) -> None:
         """Have QEMU plug the failover primaries the guest unplugged for this save back
@@ -632,14 +666,13 @@ class _Session:
             while status not in _FINAL:
                 await trio.sleep(0.01)
                 status = str((await client.execute("query-migrate")).get("status"))
-        if status != "failed":
+        words, back = await self._replugged() if status == "failed" else ("", False)
+        if not back:
+            why = words or f"the migration that has QEMU do it ended {status}"
             raise MigrationError(
                 f"QMP monitor {client.monitor}: the image is complete and the VM resumed, "
-                f"but failover primary {devices} could not be plugged back: the migration "
-                f"that has QEMU do it ended {status}"
+                f"but failover primary {devices} could not be plugged back: {why}"
             )
-        if self.progress is not None:
-            self.progress.state("failover", "plugged", detail=f"{devices} plugged back")
 
     async def _close_r(self) -> None:
         """Close the read end once no reader thread can read it any more."""
@@ -708,11 +741,7 @@ class _Session:
                 self._vm(str(status))
                 outcome = f"the VM is {status}, its migration settings as they were"
                 if self.unplug and self.migrating:
-                    # QEMU plugs a primary it asked the guest to unplug back in when
-                    # the migration is cancelled or fails (and only then).
-                    outcome = f"{outcome}, failover primary {names(self.unplug)} plugged back"
-                    if self.progress is not None:
-                        self.progress.state("failover", "plugged")
+                    outcome = f"{outcome}, {(await self._replugged())[0]}"
             except QMPConnectionError as exc:  # QEMU is gone, or its monitor is
                 steps.append(f"rollback stopped: {exc}")
                 outcome = "the VM's state is unknown"
