@@ -20,7 +20,7 @@ Per round and QEMU, one VM after another (order rotated):
 - ``unheld``: no hold at all (unlimited from the start), then as ``shipped``;
 - ``stopped``: QEMU's own ``migrate`` of the VM after ``stop`` (one pass over RAM);
 - ``running``: QEMU's own ``migrate`` with the VM left running (no pause-vm at all),
-  cut off 3 s after the unplug (a busy guest never converges): bytes sent by then.
+  cut off 3 s after the unplug (a busy guest never converges): RAM bytes sent by then.
 Printed (medians): stream bytes and their ratio to ``stopped``, and the RAM bytes QEMU
 sent while the VM still ran.
 """
@@ -75,14 +75,18 @@ def one(qemu: str, tmp: Path, mem: int, kind: str, dirtier: str, accel: str) -> 
             out = tmp / "stream"
             fo.vm.migrate(f"exec:cat > {out}")
             guest()  # this thread: the harness's QMP client is not thread-safe
+            sent = None
             if kind == "running":  # a busy guest never converges: cut off after 3 s
                 deadline = time.monotonic() + 3
-                while fo.vm.query_migrate()["status"] == "active" and time.monotonic() < deadline:
+                info = fo.vm.query_migrate()
+                while info["status"] in ("setup", "active") and time.monotonic() < deadline:
                     time.sleep(0.1)
+                    info = fo.vm.query_migrate()
+                sent = info["ram"]["transferred"]  # RAM bytes (the stream has a little more)
                 with suppress(Exception):
                     fo.vm.cmd("migrate_cancel")
             fo.vm.wait_migration(timeout=300)
-            return {"bytes": out.stat().st_size, "sent_running": float("nan"),
+            return {"bytes": sent or out.stat().st_size, "sent_running": float("nan"),
                     "passes": fo.guest.cpu_dirtier_passes()}  # fmt: skip
         saved = _orchestration.HOLD_BANDWIDTH_MIN, _orchestration.AFTER_STOP
         unlimited = _orchestration.UNLIMITED_BANDWIDTH
