@@ -79,7 +79,8 @@ def one(qemu: str, tmp: Path, mem: int, kind: str, dirtier: str, accel: str) -> 
             if kind == "running":  # a busy guest never converges: cut off after 3 s
                 deadline = time.monotonic() + 3
                 info = fo.vm.query_migrate()
-                while info["status"] in ("setup", "active") and time.monotonic() < deadline:
+                while (info["status"] in ("setup", "wait-unplug", "active")
+                       and time.monotonic() < deadline):  # fmt: skip
                     time.sleep(0.1)
                     info = fo.vm.query_migrate()
                 sent = info["ram"]["transferred"]  # RAM bytes (the stream has a little more)

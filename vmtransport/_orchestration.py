@@ -630,25 +630,27 @@ class _Session:
             self.unplug_requested = True
 
     async def _replugged(self) -> tuple[str, bool]:
-        """Whether QEMU plugged the primaries it asked the guest to unplug back in (it
-        does when a migration fails or is cancelled): the rollback's words, and True
-        unless one is seen not plugged back."""
-        if not self.unplug_requested:
-            return f"failover primary {names(self.unplug)} untouched", True
-        back, not_back = [], []
+        """Whether QEMU plugged the primaries back in (it does when a migration it had
+        asked the guest to unplug them for fails or is cancelled): the rollback's words,
+        and False if one was to be and is seen not plugged back."""
+        back: list[str] = []
+        out: list[str] = []
+        untouched: list[str] = []
         for pair in self.unplug:
             before = self.generations.get(str(pair.primary))
             after = await plug_generation(self.client, pair)
-            if before is not None and after is not None and after <= before:
-                not_back.append(str(pair.primary))
-            else:  # grown, or unknown: QEMU's rule is to replug
+            if before is None or after is None:  # unknown: QEMU's rule is to replug
+                (back if self.unplug_requested else untouched).append(str(pair.primary))
+            elif after > before:
                 back.append(str(pair.primary))
+            else:
+                (out if self.unplug_requested else untouched).append(str(pair.primary))
         if self.progress is not None and back:
             self.progress.state("failover", "plugged", detail=f"{', '.join(back)} plugged back")
-        words = [f"failover primary {', '.join(back)} plugged back"] if back else []
-        if not_back:
-            words.append(f"failover primary {', '.join(not_back)} NOT plugged back")
-        return ", ".join(words), not not_back
+        words = [f"failover primary {', '.join(ids)} {how}"
+                 for ids, how in ((back, "plugged back"), (out, "NOT plugged back"),
+                                  (untouched, "untouched")) if ids]  # fmt: skip
+        return ", ".join(words), not out
 
     async def _replug(self) -> None:
         """Have QEMU plug the failover primaries the guest unplugged for this save back
