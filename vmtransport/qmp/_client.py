@@ -161,7 +161,8 @@ class QMPClient:
         connection stays broken, for the same reason."""
         broken = connection.error
         greeting = connection.greeting
-        sock = connection.detach()
+        raw = connection.detach()  # a _socket.socket: trio wants a socket.socket
+        sock = _socket.socket(fileno=raw.detach())
         client = cls(trio.socket.from_stdlib_socket(sock), connection.monitor, MAX_LINE)
         client._protocol = connection.protocol
         client.greeting = greeting
