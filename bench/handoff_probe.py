@@ -39,8 +39,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-import bench  # noqa: E402
 from qemuvm import VM, find_qemus, make_ram_file  # noqa: E402
+
+import bench  # noqa: E402
 
 VMT = bench.VMT
 FIRST_BYTES = 16 << 10
