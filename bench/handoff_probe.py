@@ -19,8 +19,10 @@ evicted from the page cache first:
 Printed per contender, medians over the rounds: ``first``, seconds until QEMU has read
 its first 16 KiB of anything (QEMU's ``rchar`` in /proc/PID/io, polled every 0.5 ms:
 the stream's first bytes; QMP's own lines are far fewer), ``done``, seconds until the
-destination leaves ``inmigrate`` (bench.py's figure), and ``paired``: exec's ``done`` /
-this ``done`` in the same round, median over rounds (>= 0.97 is the issue's target).
+destination leaves ``inmigrate`` (bench.py's figure), ``load`` = done - first, and
+``paired``: exec's / this one's in the same round, median over rounds, of ``done``
+(>= 0.97 is the issue's target) and of ``load`` (what the helper costs QEMU once it
+loads: CPU it takes from QEMU, say).
 Needs root (KVM).
 """
 
@@ -157,13 +159,17 @@ def main() -> None:
     load1 = os.getloadavg()
     print(f"\n{args.mem_mib} MiB, QEMU {args.qemu}, {args.rounds} rounds; load average "
           f"{load0[0]:.2f} at the start, {load1[0]:.2f} at the end\n")
-    print("| contender | first s (median) | done s (median) | paired exec/this | done runs |")
-    print("|---|---:|---:|---:|---|")
+    print("| contender | first s | done s | load s | paired exec/this: done | load "
+          "| done runs |")
+    print("|---|---:|---:|---:|---:|---:|---|")
     for name, rs in runs.items():
-        paired = statistics.median(e[1] / r[1] for e, r in zip(runs["exec"], rs, strict=True))
+        pairs = list(zip(runs["exec"], rs, strict=True))
+        paired = statistics.median(e[1] / r[1] for e, r in pairs)
+        loads = statistics.median((e[1] - e[0]) / (r[1] - r[0]) for e, r in pairs)
         print(f"| {name} | {statistics.median(r[0] for r in rs):.3f} | "
-              f"{statistics.median(r[1] for r in rs):.3f} | {paired:.3f} | "
-              + " ".join(f"{r[1]:.2f}" for r in rs) + " |")
+              f"{statistics.median(r[1] for r in rs):.3f} | "
+              f"{statistics.median(r[1] - r[0] for r in rs):.3f} | {paired:.3f} | "
+              f"{loads:.3f} | " + " ".join(f"{r[1]:.2f}" for r in rs) + " |")
 
 
 if __name__ == "__main__":

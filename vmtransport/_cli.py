@@ -258,10 +258,15 @@ def _restore_vm(args: argparse.Namespace, verbose: bool, reporter: Reporter | No
         raise exc from None
     from ._restore_vm import resume_restore
 
-    result = _qmp_job(
-        lambda report: resume_restore(early, state=args.state, report=report, progress=reporter),
-        reporter,
-    )
+    try:
+        result = _qmp_job(
+            lambda report: resume_restore(
+                early, state=args.state, report=report, progress=reporter
+            ),
+            reporter,
+        )
+    finally:
+        interrupt_on_signals()  # prepare() deferred them
     if isinstance(result, int):
         return result
     if verbose:

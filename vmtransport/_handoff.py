@@ -13,11 +13,12 @@ unwound there, by the same code. The guarantees are ``restore_vm``'s (see its mo
 an image refused at its start leaves QEMU untouched, and so on.
 
 Signals: until the hand-over starts, SIGTERM/SIGINT/SIGHUP raise
-:class:`~vmtransport.Interrupted` here as anywhere in the command line. From then on
-they are blocked (the hand-over and trio's start-up are short and every call has a
-deadline), and one that arrives stays pending until the trio phase listens, which then
-unwinds as for any signal. A signal caught while waiting for the first buffer is made
-pending again the same way.
+:class:`~vmtransport.Interrupted` here as anywhere in the command line. From then on they
+are deferred: noted, not raised (the hand-over and trio's start-up are short and every
+call has a deadline), and raised again once the trio phase listens, which then unwinds
+as for any signal. A signal that interrupted the wait for the first buffer is deferred
+the same way. (Not a blocked signal mask: the pipeline's threads would take the signal,
+and Python would still run the handler in this thread.)
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ WANTED_CAPABILITIES: Final = {"events": True}
 UNTOUCHED: Final = "QEMU untouched: still waiting for a migration"
 #: The signals the command line turns into Interrupted (see ``_errors``).
 SIGNALS: Final = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP)
+_deferred: list[int] = []  # signals noted while deferred, in order
 
 _names = itertools.count(1)
 
@@ -196,7 +198,7 @@ class Early:
     incoming: bool = False  # migrate-incoming was accepted
     capabilities: dict[str, bool] = field(default_factory=dict)  # changed: old values
     error: BaseException | None = None  # the hand-over's error, for the trio phase
-    blocked: bool = False  # the signals are blocked (see the module)
+    deferred: bool = False  # signals are noted, not raised (see the module)
 
 
 class Refused(Exception):
@@ -208,13 +210,21 @@ class Refused(Exception):
         self.error = error
 
 
-def block_signals() -> None:
-    _signal.pthread_sigmask(_signal.SIG_BLOCK, SIGNALS)
+def _note(signum: int, frame: object) -> None:
+    if signum not in _deferred:
+        _deferred.append(signum)
 
 
-def unblock_signals() -> None:
-    """Let the signals through again: a pending one is delivered now."""
-    _signal.pthread_sigmask(_signal.SIG_UNBLOCK, SIGNALS)
+def defer_signals() -> None:
+    """From now on, note the signals instead of raising Interrupted."""
+    for sig in SIGNALS:
+        _signal.signal(sig, _note)
+
+
+def deliver_deferred() -> None:
+    """Raise the noted signals again, for the handler in place now (trio's)."""
+    while _deferred:
+        _signal.raise_signal(_deferred.pop(0))
 
 
 def prepare(monitor: str, uri: str, *, progress: Reporter | None = None) -> Early:
@@ -283,16 +293,16 @@ def prepare(monitor: str, uri: str, *, progress: Reporter | None = None) -> Earl
         if not sink.asked:
             return early  # the pipeline ended before its first byte: its error says why
         early.wanted = True
-        block_signals()
-        early.blocked = True
+        defer_signals()
+        early.deferred = True
         _hand_over(early, monitor, capabilities)
     except Interrupted as exc:
         if exc.signum is None:
             raise
-        # A signal: pending again, for the trio phase (its listener cancels the restore).
-        block_signals()
-        early.blocked = True
-        _signal.raise_signal(exc.signum)
+        # A signal: deferred, for the trio phase (its listener cancels the restore).
+        defer_signals()
+        early.deferred = True
+        _note(exc.signum, None)
     except BaseException as exc:
         early.error = exc
     return early

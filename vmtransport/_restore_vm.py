@@ -42,9 +42,9 @@ from ._handoff import (
     HandOver,
     Running,
     check_waiting,
+    deliver_deferred,
     pipe_to_qemu,
     refused_incoming,
-    unblock_signals,
     untouched,
 )
 from ._orchestration import (
@@ -235,8 +235,8 @@ async def resume_restore(
     start), as :func:`restore_vm` would have from there: the connection adopted, the
     pipeline followed until QEMU's load completes, the run state and capabilities set;
     or, if the hand-over failed or a signal came, unwound as ``restore_vm`` unwinds.
-    Blocked signals are let through once this runs (the caller's signal handling,
-    ``run_trio``'s, is in place by then). ``progress`` was started and attached."""
+    Deferred signals are raised again once this runs: the caller's signal handling
+    (``run_trio``'s) must be in place by then. ``progress`` was started and attached."""
     if state is not None and state not in STATES:
         raise UsageError(f"state={state!r}: must be one of {', '.join(STATES)}")
     async with QMPClient.adopt(early.conn) as client:
@@ -270,8 +270,8 @@ async def _resume(
     session.settings.capabilities = dict(early.capabilities)
     wanted = trio.Event()
     pipeline = early.pipeline
-    if early.blocked:
-        unblock_signals()  # a pending signal cancels this task now
+    if early.deferred:
+        deliver_deferred()  # a deferred signal cancels this task now
         await trio.lowlevel.checkpoint()
     running = early.running
     if running is None:  # a source read on the event loop: restore_vm's way from here
