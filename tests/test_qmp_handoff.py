@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -390,3 +391,30 @@ def test_in_process_fast_restore(
         assert result.runstate == "prelaunch" and result.migration["status"] == "completed"
         assert dst.status() == "prelaunch"
         assert files_equal(saved.src_ram, dst.ram_file)
+
+
+@pytest.mark.qemu
+def test_no_trio_before_the_hand_over(qemu: str, tmp_path: Path, saved: Saved) -> None:
+    """The point of it all: QEMU has the pipe before trio (or the trio QMP client, or
+    the orchestration) is imported."""
+    probe = (
+        "import sys; from vmtransport._handoff import prepare; "
+        "early = prepare(sys.argv[1], sys.argv[2]); "
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] == 'trio' "
+        "or m in ('vmtransport.qmp._client', 'vmtransport._orchestration', "
+        "'vmtransport._restore_vm')); "
+        "print(early.incoming, heavy); "
+        "import threading; ended = threading.Event(); "
+        "early.running.when_done(ended.set); ended.wait(60)"
+    )
+    with destination(qemu, tmp_path, bios=False) as (dst, dsock):
+        result = subprocess.run(
+            [sys.executable, "-c", probe, dsock, f"file:{saved.image}"],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+        assert (result.returncode, result.stdout) == (0, "True []\n"), result.stderr
+        # The whole stream went out (nobody finished the restore): loaded, not run.
+        assert never_ran(dst) == "prelaunch"

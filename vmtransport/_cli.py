@@ -243,7 +243,7 @@ def _restore_vm(args: argparse.Namespace, verbose: bool, reporter: Reporter | No
     """``restore --qmp``: the API's restore_vm, its start done before trio loads, so
     that QEMU has its stream sooner (see ``_handoff``)."""
     from ._errors import Interrupted
-    from ._handoff import UNTOUCHED, Refused, prepare
+    from ._handoff import UNTOUCHED, Refused, follow, prepare
 
     if reporter is not None:  # (as restore_vm's)
         reporter.start("restore", uri=args.uri, monitor=args.qmp)
@@ -256,6 +256,7 @@ def _restore_vm(args: argparse.Namespace, verbose: bool, reporter: Reporter | No
         if reporter is not None and isinstance(exc, VMTransportError):
             reporter.error(str(exc), vm=UNTOUCHED, exit=exc.exit_code)
         raise exc from None
+    follow(early, reporter)  # until QEMU's load ends: trio's import waits till then
     from ._restore_vm import resume_restore
 
     try:

@@ -7,16 +7,17 @@ modules loaded (trio and the trio QMP client take longer to import than an ``exe
 helper takes to start): connect and negotiate (``qmp._sync``), check that QEMU waits for
 a migration, open the image and start the pipeline on a thread, and once its first
 verified buffer is ready, hand QEMU the pipe (capabilities, ``getfd``,
-``migrate-incoming fd:NAME``). Then :func:`~._restore_vm.resume_restore` adopts the
-connection under trio and finishes as ``restore_vm`` does; whatever failed here is
-unwound there, by the same code. The guarantees are ``restore_vm``'s (see its module):
+``migrate-incoming fd:NAME``). While QEMU loads, :func:`follow` polls it, still
+without trio (the import would take CPU and the GIL from the stream). Then
+:func:`~._restore_vm.resume_restore` adopts the connection under trio and finishes as
+``restore_vm`` does; whatever failed here is unwound there, by the same code. The guarantees are ``restore_vm``'s (see its module):
 an image refused at its start leaves QEMU untouched, and so on.
 
 Signals: until the hand-over starts, SIGTERM/SIGINT/SIGHUP raise
 :class:`~vmtransport.Interrupted` here as anywhere in the command line. From then on they
-are deferred: noted, not raised (the hand-over and trio's start-up are short and every
-call has a deadline), and raised again once the trio phase listens, which then unwinds
-as for any signal. A signal that interrupted the wait for the first buffer is deferred
+are deferred: noted, not raised (every call has a deadline; :func:`follow` stops at
+the next poll), and raised again once the trio phase listens, which then unwinds as
+for any signal. A signal that interrupted the wait for the first buffer is deferred
 the same way. (Not a blocked signal mask: the pipeline's threads would take the signal,
 and Python would still run the handler in this thread.)
 """
@@ -264,6 +265,11 @@ def prepare(monitor: str, uri: str, *, progress: Reporter | None = None) -> Earl
             running = Running(pipeline, want.set)
     except BaseException as exc:
         refused = exc
+    if isinstance(refused, Interrupted):  # a signal: no point in asking QEMU first
+        sink.abort()
+        os.close(r)
+        conn.close()
+        raise Refused(refused)  # (the command line says where it left QEMU)
     try:
         status, migration, capabilities = conn.negotiate(
             ("query-status", None), ("query-migrate", None), ("query-migrate-capabilities", None)
@@ -282,8 +288,7 @@ def prepare(monitor: str, uri: str, *, progress: Reporter | None = None) -> Earl
         sink.abort()
         os.close(r)
         conn.close()
-        if not isinstance(refused, Interrupted):  # (the command line adds where QEMU is)
-            untouched(refused)
+        untouched(refused)
         raise Refused(refused)
     early = Early(conn, uri, sink, r, pipeline, running)
     if running is None:
@@ -306,6 +311,36 @@ def prepare(monitor: str, uri: str, *, progress: Reporter | None = None) -> Earl
     except BaseException as exc:
         early.error = exc
     return early
+
+
+#: Seconds between two ``query-migrate`` while QEMU loads (as the trio phase polls).
+POLL_INTERVAL: Final = 0.1
+#: Seconds a poll may wait for its reply before the trio phase takes over.
+POLL_TIMEOUT: Final = 5.0
+
+
+def follow(early: Early, progress: Reporter | None = None) -> None:
+    """While QEMU loads, watch it without trio: importing trio now would take CPU and
+    the GIL from the stream QEMU waits for (the import costs more than an ``exec:``
+    helper's whole start-up). Polls ``query-migrate`` (QEMU's states to ``progress``)
+    until the pipeline ends, QEMU's load ends or fails, the monitor does not answer in
+    time, or a signal was noted; the trio phase then goes on from there (it polls
+    again, unwinds if need be, and sets the VM's run state)."""
+    running = early.running
+    if running is None or not early.incoming or early.error is not None:
+        return
+    ended = threading.Event()
+    running.when_done(ended.set)
+    while not _deferred:
+        try:
+            info = early.conn.execute("query-migrate", timeout=POLL_TIMEOUT)
+        except VMTransportError:
+            return
+        status = info.get("status")
+        if progress is not None and isinstance(status, str):
+            progress.qemu_state(status)
+        if status in ("completed", "failed", "cancelled") or ended.wait(POLL_INTERVAL):
+            return
 
 
 def _hand_over(early: Early, monitor: str, capabilities: list[dict[str, Any]]) -> None:
