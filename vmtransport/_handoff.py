@@ -10,8 +10,9 @@ verified buffer is ready, hand QEMU the pipe (capabilities, ``getfd``,
 ``migrate-incoming fd:NAME``). While QEMU loads, :func:`follow` polls it, still
 without trio (the import would take CPU and the GIL from the stream). Then
 :func:`~._restore_vm.resume_restore` adopts the connection under trio and finishes as
-``restore_vm`` does; whatever failed here is unwound there, by the same code. The guarantees are ``restore_vm``'s (see its module):
-an image refused at its start leaves QEMU untouched, and so on.
+``restore_vm`` does; whatever failed here is unwound there, by the same code. The
+guarantees are ``restore_vm``'s (see its module): an image refused at its start leaves
+QEMU untouched, and so on.
 
 Signals: until the hand-over starts, SIGTERM/SIGINT/SIGHUP raise
 :class:`~vmtransport.Interrupted` here as anywhere in the command line. From then on they

@@ -35,9 +35,9 @@ from ._errors import (
     UsageError,
     VMTransportError,
 )
+from ._handoff import UNTOUCHED as UNTOUCHED  # (moved there; still named here)
+from ._handoff import WANTED_CAPABILITIES as WANTED_CAPABILITIES
 from ._handoff import (
-    UNTOUCHED,
-    WANTED_CAPABILITIES,
     Early,
     HandOver,
     Running,
@@ -65,7 +65,6 @@ from .qmp import QMPClient
 
 RunState = Literal["running", "paused"]
 STATES: Final = ("running", "paused")
-__all__ = ["UNTOUCHED", "WANTED_CAPABILITIES", "RestoreResult", "restore_vm", "resume_restore"]
 
 #: Seconds QEMU may take, once its stream was cut short, to fail its load (and exit).
 FAIL_WAIT: Final = 10.0
