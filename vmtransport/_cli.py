@@ -195,8 +195,9 @@ def _reporter(args: argparse.Namespace) -> Reporter | None:
     if args.command not in ("save", "restore", "copy"):
         return None
     qemu_runs_it = args.command in ("save", "restore") and getattr(args, "qmp", None) is None
-    if args.progress is None and args.events is None and qemu_runs_it:
-        return None  # not even the import
+    quiet = args.progress is False or (args.progress is None and qemu_runs_it)
+    if args.events is None and quiet:
+        return None  # not even the import (it counts before a restore's hand-over)
     from ._progress import make_reporter
 
     return make_reporter(args.progress, args.events, default=not qemu_runs_it)
@@ -264,15 +265,34 @@ def _save_vm(args: argparse.Namespace, verbose: bool, reporter: Reporter | None)
 
 
 def _restore_vm(args: argparse.Namespace, verbose: bool, reporter: Reporter | None) -> int:
-    """``restore --qmp``: the API's restore_vm."""
-    from ._restore_vm import restore_vm
+    """``restore --qmp``: the API's restore_vm, its start done before trio loads, so
+    that QEMU has its stream sooner (see ``_handoff``)."""
+    from ._errors import Interrupted
+    from ._handoff import UNTOUCHED, Refused, follow, prepare
 
-    result = _qmp_job(
-        lambda report: restore_vm(
-            args.qmp, args.uri, state=args.state, report=report, progress=reporter
-        ),
-        reporter,
-    )
+    if reporter is not None:  # (as restore_vm's)
+        reporter.start("restore", uri=args.uri, monitor=args.qmp)
+    try:
+        early = prepare(args.qmp, args.uri, progress=reporter)
+    except Refused as refused:  # as restore_vm and _qmp_job say an image refused at once
+        exc = refused.error
+        if isinstance(exc, Interrupted) and exc.signum is not None:
+            return _fail(reporter, f"{exc} ({UNTOUCHED})", 128 + exc.signum, vm=UNTOUCHED)
+        if reporter is not None and isinstance(exc, VMTransportError):
+            reporter.error(str(exc), vm=UNTOUCHED, exit=exc.exit_code)
+        raise exc from None
+    follow(early, reporter)  # until QEMU's load ends: trio's import waits till then
+    from ._restore_vm import resume_restore
+
+    try:
+        result = _qmp_job(
+            lambda report: resume_restore(
+                early, state=args.state, report=report, progress=reporter
+            ),
+            reporter,
+        )
+    finally:
+        interrupt_on_signals()  # prepare() deferred them
     if isinstance(result, int):
         return result
     if verbose:
@@ -379,7 +399,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     if verbose:
         _log.logger().info(
-            "%s: %d bytes in %.2f s (%.0f MiB/s)", what, stats.bytes, stats.seconds,
+            "%s: %d bytes in %.2f s (%.0f MiB/s)",
+            what,
+            stats.bytes,
+            stats.seconds,
             stats.mib_per_s,
         )
     return 0

@@ -519,15 +519,18 @@ def run_trio(job: Callable[[], Awaitable[T]]) -> T:
                 result.append(await job())
                 nursery.cancel_scope.cancel()
 
-            async def signals() -> None:
+            async def signals(task_status: trio.TaskStatus[None]) -> None:
                 sigs = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
                 with trio.open_signal_receiver(*sigs) as it:
+                    task_status.started()
                     async for signum in it:
                         exc = Interrupted(f"interrupted by {signal.Signals(signum).name}")
                         exc.signum = signum
                         raise exc
 
-            nursery.start_soon(signals)
+            # The job starts once the signals are trio's: it may unblock signals kept
+            # pending until then (the fast restore, see ``_handoff``).
+            await nursery.start(signals)
             nursery.start_soon(work)
         return result[0]
 

@@ -19,9 +19,8 @@ Once QEMU reports ``completed``, the VM runs or stays paused as the image record
 from __future__ import annotations
 
 import os
-import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -36,7 +35,18 @@ from ._errors import (
     UsageError,
     VMTransportError,
 )
-from ._io import FdSink
+from ._handoff import UNTOUCHED as UNTOUCHED  # (moved there; still named here)
+from ._handoff import WANTED_CAPABILITIES as WANTED_CAPABILITIES
+from ._handoff import (
+    Early,
+    HandOver,
+    Running,
+    check_waiting,
+    deliver_deferred,
+    pipe_to_qemu,
+    refused_incoming,
+    untouched,
+)
 from ._orchestration import (
     COMPLETION_WAIT,
     POLL_INTERVAL,
@@ -49,25 +59,18 @@ from ._orchestration import (
 from ._pipeline import Progress, PumpStats, StateEvent
 from ._progress import Reporter
 from ._registry import Registry
-from ._transport import Sink, Transport
+from ._transport import Transport
 from ._usecases import RestorePipeline, restore_pipeline
 from .qmp import QMPClient
 
 RunState = Literal["running", "paused"]
 STATES: Final = ("running", "paused")
 
-#: Capabilities a restore wants on; every other is off (a capability that changes the
-#: stream's format, mapped-ram or multifd, would make QEMU misread a plain stream).
-#: libvirt sets ``events`` alone too, and no migration parameter (a destination has
-#: none that matters to a plain stream).
-WANTED_CAPABILITIES: Final = {"events": True}
 #: Seconds QEMU may take, once its stream was cut short, to fail its load (and exit).
 FAIL_WAIT: Final = 10.0
 #: Seconds the image may still take to be read to its end after QEMU refused it (the
 #: error then names the image's damage, if any, rather than QEMU's refusal).
 VERIFY_WAIT: Final = 60.0
-#: Where a restore refused before QEMU got a byte leaves QEMU.
-UNTOUCHED: Final = "QEMU untouched: still waiting for a migration"
 #: Seconds QEMU may take to leave ``inmigrate`` once its migration completed.
 SETTLE_WAIT: Final = 10.0
 
@@ -86,46 +89,6 @@ class RestoreResult(Figures):
     runstate: str  #: the VM's run state at the end: "running", "paused", "prelaunch"...
     image: Mapping[str, Any] = field(default_factory=dict)  #: the image's metadata
     migration: Mapping[str, Any] = field(default_factory=dict)  #: QEMU's final query-migrate
-
-
-class _HandOver(Sink):
-    """The pipe to QEMU, whose first write waits until QEMU holds its read end (or the
-    restore gives up): so an image refused before its first verified byte never
-    touches QEMU."""
-
-    def __init__(self, inner: FdSink, wanted: Callable[[], None]) -> None:
-        self.inner = inner
-        self._wanted = wanted
-        self._go = threading.Event()
-        self._open = False
-        self.asked = False  # the pipeline has a first byte for QEMU
-
-    def open(self) -> None:
-        """QEMU reads the pipe: let the writes through (from the event loop)."""
-        self._open = True
-        self._go.set()
-
-    def close(self) -> None:
-        self._go.set()
-
-    def write(self, data: memoryview) -> None:
-        if not self.asked:
-            self.asked = True
-            self._wanted()
-            self._go.wait()
-        if not self._open:
-            raise Interrupted(f"{self.inner.label}: cancelled before QEMU took the stream")
-        self.inner.write(data)
-
-    def commit(self) -> None:
-        self.inner.commit()
-
-    def abort(self) -> None:
-        self.inner.abort()
-
-    def cancel(self) -> None:
-        self._go.set()
-        self.inner.cancel()
 
 
 def recorded_runstate(pipeline: RestorePipeline) -> tuple[str, str]:
@@ -207,52 +170,18 @@ async def _restore(
     progress: Reporter | None,
 ) -> RestoreResult:
     status = str((await client.execute("query-status"))["status"])
-    if status != "inmigrate":
-        raise UsageError(
-            f"QMP monitor {client.monitor}: QEMU is {status}, not waiting for a migration "
-            "(start it with -incoming defer)"
-        )
     migration = (await client.execute("query-migrate")).get("status", "none")
-    if migration != "none":
-        raise UsageError(
-            f"QMP monitor {client.monitor}: QEMU's incoming migration is already {migration} "
-            "(start it with -incoming defer)"
-        )
-    token = trio.lowlevel.current_trio_token()
+    check_waiting(client.monitor, status, str(migration))
     wanted = trio.Event()
-
-    def want() -> None:  # from the writer thread
-        try:
-            token.run_sync_soon(wanted.set)
-        except trio.RunFinishedError:
-            pass
-
-    r, w = os.pipe2(os.O_CLOEXEC)
-    try:
-        # QEMU reads the pipe with readv, a copy: lending it our pages is safe.
-        out = FdSink(w, f"the migration stream to {client.monitor}", confirm=True, lend=True)
-    except BaseException:
-        os.close(r)
-        os.close(w)
-        raise
-    sink = _HandOver(out, want)
+    sink, r = pipe_to_qemu(client.monitor, _setter(wanted))
     session = _Session(client, sink, r, report)
     try:
         pipeline = await trio.to_thread.run_sync(
             lambda: restore_pipeline(uri, sink, registry=registry)
         )
-        # Open the source now: a missing file fails here, QEMU untouched.
-        transport = pipeline.source
-        if isinstance(transport, Transport):
-            threaded = await trio.to_thread.run_sync(transport.open_threaded_source)
-            pipeline.source = threaded if threaded is not None else await transport.open_source()
+        await _open_source(pipeline)
     except BaseException as exc:
-        sink.abort()
-        session.close_r()
-        if isinstance(exc, VMTransportError) and len(exc.args) == 1:
-            exc.args = (f"{exc.args[0]} ({UNTOUCHED})",)
-        if report is not None:
-            report(UNTOUCHED)
+        _refused(exc, session)
         raise
     if on_progress is not None:
         pipeline.on_progress(on_progress)
@@ -264,11 +193,129 @@ async def _restore(
     return await session.run(pipeline, uri, state, wanted)
 
 
+def _setter(event: trio.Event) -> Callable[[], None]:
+    """``event.set`` for another thread (the pipeline's writer) to call."""
+    token = trio.lowlevel.current_trio_token()
+
+    def wake() -> None:
+        try:
+            token.run_sync_soon(event.set)
+        except trio.RunFinishedError:
+            pass
+
+    return wake
+
+
+async def _open_source(pipeline: RestorePipeline) -> None:
+    """Open the source now: a missing file fails here, QEMU untouched."""
+    transport = pipeline.source
+    if isinstance(transport, Transport):
+        threaded = await trio.to_thread.run_sync(transport.open_threaded_source)
+        pipeline.source = threaded if threaded is not None else await transport.open_source()
+
+
+def _refused(exc: BaseException, session: _Session) -> None:
+    """The image was refused before the pipeline ran: nothing reached QEMU."""
+    session.sink.abort()
+    session.close_r()
+    untouched(exc)
+    if session.report is not None:
+        session.report(UNTOUCHED)
+
+
+async def resume_restore(
+    early: Early,
+    *,
+    state: RunState | None = None,
+    report: Callable[[str], None] | None = None,
+    progress: Reporter | None = None,
+) -> RestoreResult:
+    """Finish the restore :func:`~._handoff.prepare` began (the command line's fast
+    start), as :func:`restore_vm` would have from there: the connection adopted, the
+    pipeline followed until QEMU's load completes, the run state and capabilities set;
+    or, if the hand-over failed or a signal came, unwound as ``restore_vm`` unwinds.
+    Deferred signals are raised again once this runs: the caller's signal handling
+    (``run_trio``'s) must be in place by then. ``progress`` was started and attached."""
+    if state is not None and state not in STATES:
+        raise UsageError(f"state={state!r}: must be one of {', '.join(STATES)}")
+    async with QMPClient.adopt(early.conn) as client:
+        result = await reported(
+            progress,
+            "restore",
+            client,
+            early.uri,
+            report,
+            lambda tell: _resume(client, early, state, tell, progress),
+        )
+    if progress is not None:
+        progress.state("vm", result.runstate)
+        progress.result(
+            bytes=result.bytes, seconds=result.seconds, uri=early.uri, vm=result.runstate
+        )
+    return result
+
+
+async def _resume(
+    client: QMPClient,
+    early: Early,
+    state: RunState | None,
+    report: Callable[[str], None] | None,
+    progress: Reporter | None,
+) -> RestoreResult:
+    session = _Session(client, early.sink, early.r, report)
+    session.progress = progress
+    session.fdname = early.fdname or session.fdname
+    session.handed, session.incoming = early.handed, early.incoming
+    session.settings.capabilities = dict(early.capabilities)
+    wanted = trio.Event()
+    pipeline = early.pipeline
+    if early.deferred:
+        deliver_deferred()  # a deferred signal cancels this task now
+        await trio.lowlevel.checkpoint()
+    running = early.running
+    if running is None:  # a source read on the event loop: restore_vm's way from here
+        early.sink.wanted = _setter(wanted)
+        try:
+            await _open_source(pipeline)
+        except BaseException as exc:
+            _refused(exc, session)
+            raise
+        return await session.run(pipeline, early.uri, state, wanted)
+    if early.wanted or early.error is not None:
+        wanted.set()
+    error = early.error
+
+    async def handed_over() -> None:  # by prepare(): raise what went wrong there
+        if error is not None:
+            raise error
+
+    session.hand_over = handed_over
+    return await session.run(pipeline, early.uri, state, wanted, pump=lambda: _joined(running))
+
+
+async def _joined(running: Running) -> PumpStats:
+    """The pipeline ``running`` on its thread, to its end; cancelling cancels it (as
+    :meth:`Pipeline.run_async`: back within its CANCEL_WAIT even if a write is stuck)."""
+    done = trio.Event()
+    running.when_done(_setter(done))
+    try:
+        await done.wait()
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(running.pipeline.cancel)
+        raise
+    return running.result()
+
+
 class _Session:
     """One restore's moving parts, so that every failure unwinds the same way."""
 
     def __init__(
-        self, client: QMPClient, sink: _HandOver, r: int, report: Callable[[str], None] | None
+        self,
+        client: QMPClient,
+        sink: HandOver,
+        r: int | None,
+        report: Callable[[str], None] | None,
     ) -> None:
         self.client = client
         self.sink = sink
@@ -282,6 +329,8 @@ class _Session:
         self.pump_error: BaseException | None = None
         self.outcome = ""  # where a failure left QEMU, for the error message
         self.progress: Reporter | None = None
+        #: hands QEMU the pipe once the first buffer is ready
+        self.hand_over: Callable[[], Awaitable[None]] = self._hand_over
 
     def close_r(self) -> None:
         if self.r is not None:
@@ -289,10 +338,16 @@ class _Session:
             self.r = None
 
     async def run(
-        self, pipeline: RestorePipeline, uri: str, state: RunState | None, wanted: trio.Event
+        self,
+        pipeline: RestorePipeline,
+        uri: str,
+        state: RunState | None,
+        wanted: trio.Event,
+        *,
+        pump: Callable[[], Awaitable[PumpStats]] | None = None,
     ) -> RestoreResult:
         try:
-            info = await self._load(pipeline, wanted)
+            info = await self._load(pump or pipeline.run_async, wanted)
         except VMTransportError as exc:
             if self.outcome and len(exc.args) == 1:
                 exc.args = (f"{exc.args[0]} ({self.outcome})",)
@@ -328,7 +383,9 @@ class _Session:
             info,
         )
 
-    async def _load(self, pipeline: RestorePipeline, wanted: trio.Event) -> dict[str, Any]:
+    async def _load(
+        self, run: Callable[[], Awaitable[PumpStats]], wanted: trio.Event
+    ) -> dict[str, Any]:
         """Pump; hand QEMU the pipe once the first byte is ready; follow QEMU's load
         until completed. On failure, make sure QEMU's load fails and say where QEMU is."""
         pump_done = trio.Event()
@@ -337,7 +394,7 @@ class _Session:
 
         async def pump() -> None:
             try:
-                self.stats = await pipeline.run_async()
+                self.stats = await run()
             except Exception as exc:
                 self.pump_error = exc
             finally:
@@ -360,7 +417,7 @@ class _Session:
                         first.start_soon(ended)
                         first.start_soon(ready)
                     if wanted.is_set():
-                        await self._hand_over()
+                        await self.hand_over()
                         info = await self._follow(pump_done)
                     await pump_done.wait()
                     if self.pump_error is not None:
@@ -397,10 +454,7 @@ class _Session:
         try:
             await client.execute("migrate-incoming", {"uri": f"fd:{self.fdname}"})
         except QMPError as exc:
-            raise UsageError(
-                f"QMP monitor {client.monitor}: QEMU refused migrate-incoming: {exc.desc} "
-                "(start it with -incoming defer)"
-            ) from None
+            raise refused_incoming(client.monitor, exc.desc) from None
         self.incoming = True
         self.handed = False  # migrate-incoming took the named descriptor
         self.sink.open()

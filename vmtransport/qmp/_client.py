@@ -19,7 +19,6 @@ import array
 import math
 import os
 import socket as _socket
-import stat
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
@@ -28,17 +27,21 @@ from typing import Any, Final, Self, final
 import trio
 
 from .._errors import QMPConnectionError, QMPError
-from ._protocol import MAX_LINE, Event, Greeting, Protocol, ProtocolViolation, Reply
+from ._protocol import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    MAX_LINE,
+    Event,
+    Greeting,
+    Protocol,
+    ProtocolViolation,
+    Reply,
+)
+from ._sync import DOING, RECV_BYTES, SyncQMP, connect_failed, open_path
 
-#: Seconds a command waits for its reply unless told otherwise. QEMU answers in
-#: milliseconds; only a stalled main loop (or a monitor that is not QEMU's) takes longer.
-DEFAULT_TIMEOUT: Final = 30.0
-#: Seconds :func:`connect` may take to connect, be greeted and negotiate.
-DEFAULT_CONNECT_TIMEOUT: Final = 10.0
 #: Events a listener keeps before dropping the oldest.
 DEFAULT_EVENT_BUFFER: Final = 1024
 
-_RECV_BYTES: Final = 256 << 10
 _AF_UNIX: Final = _socket.AF_UNIX
 
 
@@ -147,6 +150,27 @@ class QMPClient:
         # QEMU takes a command's descriptors from the last message that brought any: two
         # commands with descriptors in flight at once could swap them.
         self._fd_lock = trio.Lock()
+        self._backlog: deque[Event] = deque()  # read by a previous owner (adopt)
+
+    @classmethod
+    def adopt(cls, connection: SyncQMP) -> QMPClient:
+        """Take over a connection the blocking client (``_sync``) opened and negotiated:
+        its socket, its protocol's state (command ids, bytes read but not yet parsed)
+        and the events it read that nobody took. Those events are dispatched first, as
+        if they were still unread in the socket (see the module's docstring); a broken
+        connection stays broken, for the same reason."""
+        broken = connection.error
+        greeting = connection.greeting
+        raw = connection.detach()  # a _socket.socket: trio wants a socket.socket
+        sock = _socket.socket(fileno=raw.detach())
+        client = cls(trio.socket.from_stdlib_socket(sock), connection.monitor, MAX_LINE)
+        client._protocol = connection.protocol
+        client.greeting = greeting
+        client._backlog.extend(connection.events)
+        connection.events.clear()
+        if broken is not None:
+            client._fail(broken)
+        return client
 
     # -- public interface
     @property
@@ -336,12 +360,17 @@ class QMPClient:
 
     async def _read_one(self) -> None:
         """Read until one message is complete and dispatch it (or break the connection)."""
+        if self._backlog:
+            event = self._backlog.popleft()
+            for listener in list(self._listeners):
+                listener._put(event)
+            return
         try:
             while True:
                 msg = self._protocol.next_message()
                 if msg is not None:
                     break
-                data = await self._sock.recv(_RECV_BYTES)
+                data = await self._sock.recv(RECV_BYTES)
                 if not data:
                     self._protocol.eof()  # always raises
                 self._protocol.feed(data)
@@ -361,46 +390,16 @@ class QMPClient:
             self.greeting = msg
 
 
-def _describe_mode(mode: int) -> str:
-    kinds = {
-        stat.S_IFREG: "a regular file",
-        stat.S_IFDIR: "a directory",
-        stat.S_IFIFO: "a FIFO",
-        stat.S_IFCHR: "a character device",
-        stat.S_IFBLK: "a block device",
-    }
-    return kinds.get(stat.S_IFMT(mode), "not a socket")
-
-
-#: sun_path's size, with its terminating NUL
-_SUN_PATH: Final = 108
-
-
 async def _open_path(path: str) -> trio.socket.SocketType:
-    """Connect to the UNIX socket at ``path``, whatever its length: a path too long for
-    sun_path is reached through its O_PATH descriptor in /proc/self/fd."""
+    """Connect to the UNIX socket at ``path``, whatever its length (see ``open_path``)."""
+    pfd, address = open_path(path)
     try:
-        pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-    except OSError as exc:
-        raise QMPConnectionError(f"QMP monitor {path}: {exc.strerror}") from None
-    try:
-        mode = os.fstat(pfd).st_mode
-        if not stat.S_ISSOCK(mode):
-            raise QMPConnectionError(f"QMP monitor {path}: not a socket ({_describe_mode(mode)})")
         sock = trio.socket.socket(_AF_UNIX, _socket.SOCK_STREAM)
         try:
-            short = len(os.fsencode(path)) < _SUN_PATH
-            await sock.connect(path if short else f"/proc/self/fd/{pfd}")
+            await sock.connect(address)
         except OSError as exc:
             sock.close()
-            hint = (
-                " (nothing listens on it: is QEMU running?)"
-                if isinstance(exc, ConnectionRefusedError)
-                else ""
-            )
-            raise QMPConnectionError(
-                f"QMP monitor {path}: cannot connect: {exc.strerror or exc}{hint}"
-            ) from None
+            raise connect_failed(path, exc) from None
         except BaseException:
             sock.close()
             raise
@@ -462,9 +461,4 @@ async def connect(
             if sock is not None:
                 sock.close()
             raise
-    doing = {
-        "connect": "could not connect",
-        "greet": "sent no QMP greeting",
-        "negotiate": "did not answer qmp_capabilities",
-    }[stage]
-    raise QMPConnectionError(f"QMP monitor {label}: {doing} within {timeout:g} s")
+    raise QMPConnectionError(f"QMP monitor {label}: {DOING[stage]} within {timeout:g} s")

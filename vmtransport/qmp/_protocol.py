@@ -23,6 +23,11 @@ from typing import Any, Final, final
 #: is about 200 KB on 10.0) are far below it; a line that long is a peer gone wrong, and
 #: buffering more would only let it take memory.
 MAX_LINE: Final = 16 << 20
+#: Seconds a command waits for its reply unless told otherwise. QEMU answers in
+#: milliseconds; only a stalled main loop (or a monitor that is not QEMU's) takes longer.
+DEFAULT_TIMEOUT: Final = 30.0
+#: Seconds connecting may take: connect, be greeted and negotiate.
+DEFAULT_CONNECT_TIMEOUT: Final = 10.0
 
 
 class ProtocolViolation(Exception):
