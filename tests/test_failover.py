@@ -345,3 +345,33 @@ def test_pause_vm_without_a_failover_pair(qemu: str, tmp_path: Path) -> None:
                 )  # fmt: skip
                 assert done.returncode == 0, done.stderr
                 assert dst.status() == expected
+
+
+def test_restore_warns_when_the_primary_does_not_come(qemu: str, tmp_path: Path) -> None:
+    """A destination started without the primary: QEMU cannot plug it. The restore
+    waits ``--failover-timeout``, says so (a warning, state ``not-negotiated``) and
+    succeeds: the VM is restored, without that NIC."""
+    image = tmp_path / "a.sav"
+    with failover_vm(qemu, tmp_path) as src:
+        running_with_primary(src)
+        proc = start_save(src, image)
+        eject_when_asked(src, 0.2)
+        _, err = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 0, err
+    with failover_vm(qemu, tmp_path, name="dst", incoming=True, primary_on_cmdline=False) as dst:
+        t0 = time.monotonic()
+        done = subprocess.run(
+            [str(VMT), "restore", "--qmp", dst.sock, f"file:{image}", "--events", "json",
+             "--failover-timeout", "1"],
+            capture_output=True, text=True, timeout=TIMEOUT,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert time.monotonic() - t0 < 20
+        evs = events(done.stderr)
+        failover = [(e["state"], e.get("detail")) for e in evs if e.get("source") == "failover"]
+        assert failover == [("not-negotiated", f"{PRIMARY} not plugged")], failover
+        warning = [e["text"] for e in evs if e["event"] == "output"]
+        assert any(f"failover primary {PRIMARY} not plugged within 1 s" in w for w in warning)
+        result = evs[-1]
+        assert result["event"] == "result" and result["failover_missing"] == [PRIMARY]
+        assert dst.vm.status() == "running"  # saved running, restored running

@@ -110,6 +110,13 @@ def _parser() -> argparse.ArgumentParser:
         const="paused",
         help="with --qmp: leave the VM paused afterwards, whatever the image recorded",
     )
+    r.add_argument(
+        "--failover-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="with --qmp: how long to wait for QEMU to plug a failover primary the image "
+        "names (default: 10)",
+    )
     _progress_args(r, "on with --qmp when stderr is a terminal, else off")
     c = sub.add_parser("copy", help="copy the stream at SRC to DST")
     c.add_argument("src", metavar="SRC")
@@ -282,12 +289,13 @@ def _restore_vm(args: argparse.Namespace, verbose: bool, reporter: Reporter | No
             reporter.error(str(exc), vm=UNTOUCHED, exit=exc.exit_code)
         raise exc from None
     follow(early, reporter)  # until QEMU's load ends: trio's import waits till then
-    from ._restore_vm import resume_restore
+    from ._restore_vm import FAILOVER_TIMEOUT, resume_restore
 
     try:
         result = _qmp_job(
             lambda report: resume_restore(
-                early, state=args.state, report=report, progress=reporter
+                early, state=args.state, report=report, progress=reporter,
+                failover_timeout=args.failover_timeout or FAILOVER_TIMEOUT,
             ),
             reporter,
         )
@@ -355,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _restore_vm(args, verbose, reporter)
         if args.command == "restore" and args.state is not None:
             raise UsageError(f"--{args.state} applies to a restore with --qmp only")
+        if args.command == "restore" and args.failover_timeout is not None:
+            raise UsageError("--failover-timeout applies to a restore with --qmp only")
         if args.command == "save":
             pipeline = _usecases.save_pipeline(args.uri, reader or 0, name=args.name)
             reader = None  # the pipeline's now

@@ -35,6 +35,7 @@ from ._errors import (
     UsageError,
     VMTransportError,
 )
+from ._failover import find_pairs
 from ._handoff import UNTOUCHED as UNTOUCHED  # (moved there; still named here)
 from ._handoff import WANTED_CAPABILITIES as WANTED_CAPABILITIES
 from ._handoff import (
@@ -73,6 +74,9 @@ FAIL_WAIT: Final = 10.0
 VERIFY_WAIT: Final = 60.0
 #: Seconds QEMU may take to leave ``inmigrate`` once its migration completed.
 SETTLE_WAIT: Final = 10.0
+#: Seconds a failover primary may take to be plugged once the load completed (QEMU
+#: plugs it while it loads the standby's negotiated features: ``FAILOVER_NEGOTIATED``).
+FAILOVER_TIMEOUT: Final = 10.0
 
 
 @dataclass(frozen=True)
@@ -89,11 +93,16 @@ class RestoreResult(Figures):
     runstate: str  #: the VM's run state at the end: "running", "paused", "prelaunch"...
     image: Mapping[str, Any] = field(default_factory=dict)  #: the image's metadata
     migration: Mapping[str, Any] = field(default_factory=dict)  #: QEMU's final query-migrate
+    #: failover primaries plugged on the destination (docs/failover.md), and those the
+    #: image's pairs named that were not within the timeout
+    failover: tuple[str, ...] = ()
+    failover_missing: tuple[str, ...] = ()
 
 
 def recorded_runstate(pipeline: RestorePipeline) -> tuple[str, str]:
     """(run state, where it was found) of what the restore read: a ``--qmp`` save's
-    ``vm.runstate`` (the VM before the save stopped it), a libvirt image's
+    ``vm.runstate`` (the VM before the save stopped it; ``paused`` if saved with
+    ``--pause-vm``), a libvirt image's
     ``was_running`` (likewise: ``virsh save`` stops the VM first), else the stream's
     globalstate."""
     reader = pipeline.reader
@@ -102,6 +111,8 @@ def recorded_runstate(pipeline: RestorePipeline) -> tuple[str, str]:
     if reader.header is not None:
         vm = reader.header.metadata.get("vm")
         state = vm.get("runstate") if isinstance(vm, dict) else None
+        if isinstance(vm, dict) and vm.get("pause_vm") is True:
+            return "paused", "vm"  # saved with --pause-vm: the VM pauses as it migrates
         if isinstance(state, str) and state:
             return state, "vm"
     state = reader.parser.runstate
@@ -118,6 +129,7 @@ async def restore_vm(
     on_event: Callable[[StateEvent], None] | None = None,
     report: Callable[[str], None] | None = None,
     progress: Reporter | None = None,
+    failover_timeout: float = FAILOVER_TIMEOUT,
 ) -> RestoreResult:
     """Restore the image (or raw stream, or libvirt save image) at ``uri`` into the
     QEMU behind QMP ``monitor`` (a connected client, or its socket's path), which must
@@ -137,6 +149,10 @@ async def restore_vm(
     ``progress``, if given (``docs/events.md``), is started and gets the pipeline's
     progress and states, QEMU's ``query-migrate`` states, the VM's final run state,
     then the ``result`` or the ``error`` of a :class:`~vmtransport.VMTransportError`.
+
+    Failover primaries QEMU plugs on the destination while it loads (docs/failover.md)
+    are reported; those the image names are waited for, ``failover_timeout`` seconds
+    at most (a warning, not an error, if one does not come).
     """
     if state is not None and state not in STATES:
         raise UsageError(f"state={state!r}: must be one of {', '.join(STATES)}")
@@ -149,14 +165,24 @@ async def restore_vm(
         lambda tell: on_monitor(
             monitor,
             lambda client: _restore(
-                client, uri, state, registry, on_progress, on_event, tell, progress
+                client, uri, state, registry, on_progress, on_event, tell, progress,
+                failover_timeout,
             ),
         ),
     )
     if progress is not None:
-        progress.state("vm", result.runstate)
-        progress.result(bytes=result.bytes, seconds=result.seconds, uri=uri, vm=result.runstate)
+        _result(progress, result)
     return result
+
+
+def _result(progress: Reporter, result: RestoreResult) -> None:
+    progress.state("vm", result.runstate)
+    extra = {}
+    if result.failover or result.failover_missing:
+        extra = {"failover": result.failover, "failover_missing": result.failover_missing}
+    progress.result(
+        bytes=result.bytes, seconds=result.seconds, uri=result.uri, vm=result.runstate, **extra
+    )
 
 
 async def _restore(
@@ -168,6 +194,7 @@ async def _restore(
     on_event: Callable[[StateEvent], None] | None,
     report: Callable[[str], None] | None,
     progress: Reporter | None,
+    failover_timeout: float,
 ) -> RestoreResult:
     status = str((await client.execute("query-status"))["status"])
     migration = (await client.execute("query-migrate")).get("status", "none")
@@ -175,6 +202,7 @@ async def _restore(
     wanted = trio.Event()
     sink, r = pipe_to_qemu(client.monitor, _setter(wanted))
     session = _Session(client, sink, r, report)
+    session.failover_timeout = failover_timeout
     try:
         pipeline = await trio.to_thread.run_sync(
             lambda: restore_pipeline(uri, sink, registry=registry)
@@ -229,6 +257,7 @@ async def resume_restore(
     state: RunState | None = None,
     report: Callable[[str], None] | None = None,
     progress: Reporter | None = None,
+    failover_timeout: float = FAILOVER_TIMEOUT,
 ) -> RestoreResult:
     """Finish the restore :func:`~._handoff.prepare` began (the command line's fast
     start), as :func:`restore_vm` would have from there: the connection adopted, the
@@ -245,13 +274,10 @@ async def resume_restore(
             client,
             early.uri,
             report,
-            lambda tell: _resume(client, early, state, tell, progress),
+            lambda tell: _resume(client, early, state, tell, progress, failover_timeout),
         )
     if progress is not None:
-        progress.state("vm", result.runstate)
-        progress.result(
-            bytes=result.bytes, seconds=result.seconds, uri=early.uri, vm=result.runstate
-        )
+        _result(progress, result)
     return result
 
 
@@ -261,9 +287,11 @@ async def _resume(
     state: RunState | None,
     report: Callable[[str], None] | None,
     progress: Reporter | None,
+    failover_timeout: float,
 ) -> RestoreResult:
     session = _Session(client, early.sink, early.r, report)
     session.progress = progress
+    session.failover_timeout = failover_timeout
     session.fdname = early.fdname or session.fdname
     session.handed, session.incoming = early.handed, early.incoming
     session.settings.capabilities = dict(early.capabilities)
@@ -331,6 +359,9 @@ class _Session:
         self.progress: Reporter | None = None
         #: hands QEMU the pipe once the first buffer is ready
         self.hand_over: Callable[[], Awaitable[None]] = self._hand_over
+        # From the start: QEMU says so while it loads the stream.
+        self.negotiated = client.listen("FAILOVER_NEGOTIATED")
+        self.failover_timeout = FAILOVER_TIMEOUT
 
     def close_r(self) -> None:
         if self.r is not None:
@@ -354,6 +385,8 @@ class _Session:
             raise
         finally:
             self.close_r()
+            if self.stats is None:
+                self.negotiated.close()
         assert self.stats is not None
         client = self.client
         recorded, recorded_by = recorded_runstate(pipeline)
@@ -367,11 +400,15 @@ class _Session:
                 await client.execute("stop")
             await self.settings.restore()
             runstate = str((await client.execute("query-status"))["status"])
+            header = pipeline.reader.header
+            metadata = dict(header.metadata) if header is not None else {}
+            plugged, missing = await self._failover(metadata)
         except BaseException:
             if self.report is not None:
                 self.report("the VM is loaded, its run state as QEMU reports it")
             raise
-        header = pipeline.reader.header
+        finally:
+            self.negotiated.close()
         return RestoreResult(
             uri,
             self.stats,
@@ -379,9 +416,55 @@ class _Session:
             recorded_by,
             state or "",
             runstate,
-            dict(header.metadata) if header is not None else {},
+            metadata,
             info,
+            plugged,
+            missing,
         )
+
+    async def _failover(
+        self, metadata: Mapping[str, Any]
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The failover primaries QEMU plugged on the destination: it does so when it
+        loads a standby whose guest driver had negotiated STANDBY, and says so with
+        ``FAILOVER_NEGOTIATED`` (until then a destination's primary is hidden: no QOM
+        object). Waits up to :attr:`failover_timeout` for those the image's pairs name
+        (``vm.failover``), reports each, and warns about any that did not come: the VM
+        runs all the same, without that NIC until its driver renegotiates. Returns
+        (plugged, missing)."""
+        vm = metadata.get("vm")
+        pairs = vm.get("failover") if isinstance(vm, Mapping) else None
+        wanted = [
+            str(p["primary"])
+            for p in (pairs if isinstance(pairs, list) else [])
+            if isinstance(p, Mapping) and isinstance(p.get("primary"), str)
+        ]
+        plugged: list[str] = []
+        deadline = trio.current_time() + self.failover_timeout
+        while True:
+            for pair in await find_pairs(self.client):
+                if pair.primary is not None and pair.primary not in plugged:
+                    plugged.append(pair.primary)
+                    if self.progress is not None:
+                        self.progress.state(
+                            "failover", "negotiated",
+                            detail=f"{pair.primary} plugged (standby {pair.standby} negotiated)",
+                        )  # fmt: skip
+            missing = [p for p in wanted if p not in plugged]
+            if not missing or trio.current_time() >= deadline:
+                break
+            with trio.move_on_after(min(0.1, deadline - trio.current_time())):
+                await self.negotiated.receive()  # FAILOVER_NEGOTIATED wakes us at once
+        if missing:
+            ids = ", ".join(missing)
+            if self.progress is not None:
+                self.progress.state("failover", "not-negotiated", detail=f"{ids} not plugged")
+            _log.warning(
+                "%s: failover primary %s not plugged within %g s: the VM runs without it "
+                "until its guest driver renegotiates the standby",
+                self.client.monitor, ids, self.failover_timeout,
+            )  # fmt: skip
+        return tuple(plugged), tuple(missing)
 
     async def _load(
         self, run: Callable[[], Awaitable[PumpStats]], wanted: trio.Event
