@@ -43,7 +43,14 @@ if TYPE_CHECKING:
     from ._progress import BarRenderer, JsonRenderer, Reporter
     from ._registry import Registry, TransportInfo, get_registry
     from ._restore_vm import RestoreResult, restore_vm
-    from ._transport import SeekableSink, Sink, Source, ThreadedSource, Transport
+    from ._transport import (
+        SeekableSink,
+        Sink,
+        Source,
+        ThreadedSource,
+        Transport,
+        WrappingTransport,
+    )
     from ._uri import URI, parse_uri
     from ._usecases import (
         RestorePipeline,
@@ -111,6 +118,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "Source": ("._transport", "Source"),
     "ThreadedSource": ("._transport", "ThreadedSource"),
     "Transport": ("._transport", "Transport"),
+    "WrappingTransport": ("._transport", "WrappingTransport"),
     "URI": ("._uri", "URI"),
     "parse_uri": ("._uri", "parse_uri"),
 }
@@ -149,6 +157,7 @@ __all__ = [
     "UsageError",
     "VMFacts",
     "VMTransportError",
+    "WrappingTransport",
     "__version__",
     "copy",
     "copy_pipeline",

@@ -177,9 +177,8 @@ class Transport(abc.ABC):
 
     :attr:`registry` is the :class:`~vmtransport.Registry` whose ``resolve`` built the
     transport (the process one, :func:`~vmtransport.get_registry`, for a transport
-    constructed directly). A transport wrapping another (``zstd:odirect:/x.sav``) resolves
-    its inner URI with ``self.registry.resolve(...)``, from ``__init__`` once
-    ``super().__init__(uri)`` returned, so that a bad inner URI fails construction too.
+    constructed directly). A transport wrapping another (``zstd:odirect:/x.sav``)
+    derives from :class:`WrappingTransport`, which resolves the inner URI through it.
     """
 
     scheme: ClassVar[str]
@@ -187,7 +186,8 @@ class Transport(abc.ABC):
     summary: ClassVar[str] = ""
     #: option name -> help text; anything else is refused
     options: ClassVar[Mapping[str, str]] = {}
-    #: the target is a command line taken verbatim (no ``,key=value`` options)
+    #: the target is taken verbatim (a command line, an inner URI): options, if any, are
+    #: written after the scheme (``SCHEME,key=value:TARGET``)
     raw_target: ClassVar[bool] = False
     #: what a save writes: "image" (vmtransport image; needs a SeekableSink) or "raw"
     save_format: str = "raw"
@@ -265,3 +265,47 @@ class Transport(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.uri}>"
+
+
+#: thread id -> how many wrapping transports are being constructed in it
+_nesting: dict[int, int] = {}
+#: the deepest nesting of wrapping transports (``a:b:c:...``) a URI may have
+MAX_NESTING = 8
+
+
+class WrappingTransport(Transport):
+    """A transport over another one: ``SCHEME[,key=value...]:INNER-URI``.
+
+    The target is the inner URI, verbatim, as it would be written alone (its own
+    ``,key=value`` options and ``,,`` escapes included); the wrapper's options go after
+    its scheme: ``zstd,level=9:odirect:/x.sav,fallback=error``. The inner URI is
+    resolved in ``__init__`` through the same :attr:`registry` (any scheme, plugins
+    included, wrappers too), so a bad inner URI fails the outer one's construction.
+
+    :attr:`save_format` is the inner transport's (an image where the inner target can
+    hold one); a wrapper whose sink cannot rewrite sets it to ``"raw"``.
+    """
+
+    raw_target: ClassVar[bool] = True
+    #: the transport of the inner URI
+    inner: Transport
+
+    def __init__(self, uri: URI) -> None:
+        super().__init__(uri)
+        thread = get_ident()
+        depth = _nesting.get(thread, 0)
+        if depth >= MAX_NESTING:
+            raise URIError(f"URI {str(uri)!r} nests more than {MAX_NESTING} transports")
+        _nesting[thread] = depth + 1
+        try:
+            self.inner = self.registry.resolve(uri.target)
+        except URIError as exc:
+            if depth:  # the outermost wrapper names the whole URI, once
+                raise
+            raise URIError(f"{exc}, inside URI {str(uri)!r}") from exc
+        finally:
+            if depth:
+                _nesting[thread] = depth
+            else:
+                del _nesting[thread]
+        self.save_format = self.inner.save_format

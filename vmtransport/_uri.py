@@ -2,7 +2,11 @@
 
 QEMU's option syntax: options follow the target after commas, and a literal comma
 inside the target is written twice (``file:/a,,b`` is the file ``/a,b``). Schemes
-whose target is a command line (``exec:``) take the rest verbatim: ``raw=True``.
+whose target is taken verbatim (``raw=True``: a command line for ``exec:``, another URI
+for a wrapping transport such as ``zstd:odirect:/x.sav``) cannot have options after it:
+theirs go after the scheme instead, before the first colon
+(``zstd,level=9:odirect:/x.sav,fallback=error``). A scheme never holds a comma or a
+colon, so the head is unambiguous, and the inner URI is written as it would be alone.
 """
 
 from __future__ import annotations
@@ -60,14 +64,34 @@ class URI:
         )
 
 
-def split_scheme(text: str) -> tuple[str, str]:
-    """Return ``(scheme, rest)``; raise URIError quoting ``text`` when it has no scheme."""
-    scheme, sep, rest = text.partition(":")
-    if not sep or not scheme:
+def _split_head(text: str) -> tuple[str, list[str], str]:
+    """``(scheme, options written after it, rest)`` of ``SCHEME[,key=value...]:REST``."""
+    head, sep, rest = text.partition(":")
+    if not sep or not head:
         raise URIError(f"not a URI {text!r}: expected SCHEME:TARGET, e.g. odirect:/var/lib/a.sav")
+    scheme, *options = _segments(head)
     if not _SCHEME.match(scheme):
         raise URIError(f"bad scheme {scheme!r} in URI {text!r}")
+    return scheme, options, rest
+
+
+def split_scheme(text: str) -> tuple[str, str]:
+    """Return ``(scheme, rest)`` (options after the scheme left out); raise URIError
+    quoting ``text`` when it has no scheme."""
+    scheme, _, rest = _split_head(text)
     return scheme, rest
+
+
+def _options(opts: list[str], text: str) -> dict[str, str]:
+    options: dict[str, str] = {}
+    for opt in opts:
+        key, eq, value = opt.partition("=")
+        if not eq or not _KEY.match(key):
+            raise URIError(f"malformed option {opt!r} in URI {text!r}: expected key=value")
+        if key in options:
+            raise URIError(f"option {key!r} given twice in URI {text!r}")
+        options[key] = value
+    return options
 
 
 def _segments(rest: str) -> Iterator[str]:
@@ -90,22 +114,21 @@ def _segments(rest: str) -> Iterator[str]:
 
 
 def parse_uri(text: str, *, raw: bool = False) -> URI:
-    """Parse ``text``. With ``raw`` the whole rest after the scheme is the target."""
-    scheme, rest = split_scheme(text)
+    """Parse ``text``. With ``raw`` the whole rest after the first colon is the target
+    and options come only after the scheme (``SCHEME,key=value:TARGET``); without, only
+    after the target."""
+    scheme, head, rest = _split_head(text)
     if raw:
         if not rest.strip():
             raise URIError(f"empty target in URI {text!r}")
-        return URI(scheme, rest, text=text)
+        return URI(scheme, rest, _options(head, text), text)
+    if head:
+        raise URIError(
+            f"option {head[0]!r} before the target in URI {text!r}: {scheme}: takes its "
+            f"options after the target ({scheme}:TARGET,key=value)"
+        )
     parts = list(_segments(rest))
-    target, opts = parts[0], parts[1:]
+    target = parts[0]
     if not target:
         raise URIError(f"empty target in URI {text!r}")
-    options: dict[str, str] = {}
-    for opt in opts:
-        key, eq, value = opt.partition("=")
-        if not eq or not _KEY.match(key):
-            raise URIError(f"malformed option {opt!r} in URI {text!r}: expected key=value")
-        if key in options:
-            raise URIError(f"option {key!r} given twice in URI {text!r}")
-        options[key] = value
-    return URI(scheme, target, options, text)
+    return URI(scheme, target, _options(parts[1:], text), text)
