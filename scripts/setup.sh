@@ -28,6 +28,8 @@ QEMU10_PACKAGES=(qemu-system-x86 qemu-system-data qemu-system-common)
 QEMU10_FIRMWARE=(seabios ipxe-qemu)
 QEMU10_FIRMWARE_DIRS=(usr/share/qemu usr/share/seabios usr/lib/ipxe/qemu)
 PYTHON_EXTRA_PACKAGES=()
+# Plugins in this repository, installed editable beside the package (the tests use them).
+PLUGINS=("$REPO/plugins/vmtransport-zstd")
 export DEBIAN_FRONTEND=noninteractive
 
 log() { printf 'setup: %s\n' "$*" >&2; }
@@ -344,7 +346,7 @@ ensure_python() {
         log "creating $venv"
         python3 -m venv "$venv"
     fi
-    want="$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1) compat pip25 ${PYTHON_EXTRA_PACKAGES[*]}"
+    want="$(cat "$REPO/pyproject.toml" "${PLUGINS[@]/%//pyproject.toml}" | sha256sum | cut -d' ' -f1) compat pip25 ${PYTHON_EXTRA_PACKAGES[*]}"
     if [[ -f $stamp ]] && [[ "$(cat "$stamp")" == "$want" ]] &&
         "$venv/bin/python" -c 'import vmtransport' 2>/dev/null &&
         [[ -x $venv/bin/vmtransport ]]; then
@@ -356,11 +358,13 @@ ensure_python() {
         log "upgrading pip in $venv"
         quiet_pip "$venv" 'pip>=25'
     fi
-    log "pip install -e '.[test,lint]' ${PYTHON_EXTRA_PACKAGES[*]}"
+    log "pip install -e '.[test,lint]' ${PLUGINS[*]#"$REPO/"} ${PYTHON_EXTRA_PACKAGES[*]}"
     # editable_mode=compat: a plain path entry instead of setuptools' import-hook finder,
     # which costs ~35 ms at every start of the save helper (QEMU waits on it).
+    # The plugins in the same command: pip takes their vmtransport requirement from the
+    # checkout, never from an index.
     quiet_pip "$venv" --config-settings editable_mode=compat -e "$REPO[test,lint]" \
-        "${PYTHON_EXTRA_PACKAGES[@]}"
+        "${PLUGINS[@]/#/-e}" "${PYTHON_EXTRA_PACKAGES[@]}"
     printf '%s\n' "$want" >"$stamp"
 }
 
@@ -369,7 +373,7 @@ ensure_qemu10
 ensure_python
 # Byte-compile the package: where PYTHONDONTWRITEBYTECODE is set nothing else would, and
 # every helper start would compile it again (QEMU waits for the save helper's start).
-"$REPO/.venv/bin/python" -m compileall -q "$REPO/vmtransport" >/dev/null
+"$REPO/.venv/bin/python" -m compileall -q "$REPO/vmtransport" "$REPO/plugins" >/dev/null
 
 printf 'QEMU 7.2:  %s  (%s)\n' "$QEMU7" "$("$QEMU7" --version | head -n1)"
 printf 'QEMU 10.0: %s  (%s)\n' "$QEMU10_WRAPPER" "$("$QEMU10_WRAPPER" --version | head -n1)"

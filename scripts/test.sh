@@ -15,7 +15,7 @@ fi
 mypy_rc=0
 .venv/bin/mypy || mypy_rc=$?                 # files and --strict from pyproject.toml
 ruff_rc=0
-.venv/bin/ruff check vmtransport tests bench scripts || ruff_rc=$?
+.venv/bin/ruff check vmtransport tests bench scripts plugins || ruff_rc=$?
 
 if [[ $pytest_rc -ne 0 ]]; then
     echo "test.sh: pytest failed (exit $pytest_rc)" >&2

@@ -1,0 +1,273 @@
+"""The zstd sink and sources. Layout (README.md)::
+
+    0        the stream's first 64 KiB as written (a vmtransport image's header region,
+             which the image writer rewrites at commit); zero-padded when shorter
+    65536    zstd frames of the rest of the stream (none when it is that short)
+    end-24   a zstd skippable frame: magic 0x184D2A5E, size 16, b"VMTZSTD1", the
+             stream's length (u64 LE): the proof that the compressed part is whole
+
+zstd itself skips the trailer: ``tail -c +65537 IMAGE | zstd -dc`` is the stream after
+its first 64 KiB.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from collections.abc import Callable
+from typing import IO, Final, cast, final
+
+import zstandard
+
+from vmtransport import SeekableSink, Sink, Source, StreamError, ThreadedSource, TransportError
+
+#: bytes at the start stored as they are: the image header region (rewritten at commit)
+PREFIX: Final = 64 * 1024
+SKIPPABLE_MAGIC: Final = 0x184D2A5E
+TRAILER_ID: Final = b"VMTZSTD1"
+TRAILER: Final = struct.Struct("<II8sQ")
+#: compressed bytes handed to the inner sink at once: page aligned, whole 4 KiB blocks
+#: (an O_DIRECT inner sink writes them as they are); the last write is shorter
+OUT_CHUNK: Final = 4 << 20
+#: compressed bytes read from the inner source at once (a multiple of 4 KiB)
+IN_CHUNK: Final = 1 << 20
+
+
+def trailer(length: int) -> bytes:
+    return TRAILER.pack(SKIPPABLE_MAGIC, TRAILER.size - 8, TRAILER_ID, length)
+
+
+@final
+class ZstdSink(SeekableSink):
+    """Save: the first :data:`PREFIX` bytes as they are, then zstd on ``threads``
+    workers (zstd's own; 0: in the writer thread), into ``inner``.
+
+    A :class:`~vmtransport.SeekableSink` that can rewrite inside its prefix when the
+    inner sink can rewrite at all: the image writer's header rewrite goes through.
+    """
+
+    def __init__(self, inner: Sink, label: str, level: int, threads: int) -> None:
+        self._inner = inner
+        self.label = label
+        self.rewritable = isinstance(inner, SeekableSink) and inner.rewritable
+        self._cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
+        self._cobj: zstandard.ZstdCompressionObj | None = None
+        self._prefix = mmap.mmap(-1, PREFIX)  # page aligned, as O_DIRECT wants
+        self._out = mmap.mmap(-1, OUT_CHUNK)
+        self._fill = 0  # bytes waiting in _out
+        self.length = 0  #: stream bytes taken so far
+
+    def write(self, data: memoryview) -> None:
+        if self.length < PREFIX:
+            take = min(PREFIX - self.length, len(data))
+            self._prefix[self.length : self.length + take] = data[:take]
+            self.length += take
+            if self.length == PREFIX:
+                self._inner.write(memoryview(self._prefix))
+            data = data[take:]
+            if not data:
+                return
+        if self._cobj is None:
+            self._cobj = self._cctx.compressobj()
+        self.length += len(data)
+        try:
+            out = self._cobj.compress(data)
+        except zstandard.ZstdError as exc:
+            raise TransportError(f"{self.label}: zstd compression failed: {exc}") from None
+        self._emit(out)
+
+    def _emit(self, out: bytes) -> None:
+        view = memoryview(out)
+        while view:
+            take = min(OUT_CHUNK - self._fill, len(view))
+            self._out[self._fill : self._fill + take] = view[:take]
+            self._fill += take
+            view = view[take:]
+            if self._fill == OUT_CHUNK:
+                self._inner.write(memoryview(self._out))
+                self._fill = 0
+
+    def rewrite(self, offset: int, data: memoryview) -> None:
+        end = offset + len(data)
+        if not self.rewritable or end > PREFIX:
+            raise TransportError(
+                f"{self.label}: cannot rewrite bytes {offset}-{end}: only the first {PREFIX} "
+                "are stored as written, on a target that can be rewritten"
+            )
+        if self.length < PREFIX:  # not written yet: change what will be
+            self._prefix[offset:end] = data
+        else:
+            assert isinstance(self._inner, SeekableSink)
+            self._inner.rewrite(offset, data)
+
+    def commit(self) -> None:
+        if self.length < PREFIX:  # a short stream: the prefix zero-padded
+            self._prefix[self.length :] = bytes(PREFIX - self.length)
+            self._inner.write(memoryview(self._prefix))
+        if self._cobj is not None:
+            try:
+                self._emit(self._cobj.flush())
+            except zstandard.ZstdError as exc:
+                raise TransportError(f"{self.label}: zstd compression failed: {exc}") from None
+        self._emit(trailer(self.length))
+        if self._fill:
+            self._inner.write(memoryview(self._out)[: self._fill])
+            self._fill = 0
+        self._inner.commit()
+
+    def abort(self) -> None:
+        self._inner.abort()
+
+    def cancel(self) -> None:
+        self._inner.cancel()
+
+
+@final
+class _Decoder:
+    """Restore, blocking: the prefix, then the decompressed rest, with ``fill(buf)``
+    reading the inner source (into page-aligned buffers of whole 4 KiB blocks, so an
+    O_DIRECT source reads them as they are)."""
+
+    def __init__(self, fill: Callable[[memoryview], int], label: str) -> None:
+        self._fill = fill
+        self.label = label
+        self._prefix = mmap.mmap(-1, PREFIX)
+        self._in = mmap.mmap(-1, IN_CHUNK)
+        self._avail = -1  # prefix bytes that are stream bytes (-1: not read yet)
+        self._served = 0  # prefix bytes handed out
+        self._pending = b""  # compressed bytes read while peeking
+        self._tail = b""  # the last TRAILER.size compressed bytes read
+        self._reader: zstandard.ZstdDecompressionReader | None = None
+        self._inner_eof = False
+        self.length = 0  #: stream bytes handed out
+        self._done = False
+
+    def _read_inner(self) -> bytes:
+        if self._inner_eof:
+            return b""
+        n = self._fill(memoryview(self._in))
+        if not n:
+            self._inner_eof = True
+        chunk = self._in[:n]
+        self._tail = (self._tail + chunk[-TRAILER.size :])[-TRAILER.size :]
+        return chunk
+
+    def read(self, size: int = -1) -> bytes:
+        """For zstandard's stream reader: the next compressed bytes."""
+        if self._pending:
+            chunk, self._pending = self._pending, b""
+            return chunk
+        return self._read_inner()
+
+    def _truncated(self, what: str) -> StreamError:
+        return StreamError(f"{self.label}: truncated zstd image ({what})")
+
+    def _start(self) -> None:
+        view = memoryview(self._prefix)
+        got = 0
+        while got < PREFIX and (n := self._fill(view[got:])):
+            got += n
+        if got < PREFIX:
+            raise self._truncated(f"{got} of the first {PREFIX} bytes")
+        head = b""
+        while len(head) < TRAILER.size and (chunk := self._read_inner()):
+            head += chunk
+        magic = struct.unpack_from("<I", head)[0] if len(head) >= 4 else None
+        if magic == SKIPPABLE_MAGIC:  # a trailer alone: a stream of at most PREFIX bytes
+            length = self._check_trailer(head)
+            if length > PREFIX or self._read_inner():
+                raise StreamError(f"{self.label}: not a zstd image (bad trailer)")
+            self._avail = length
+            self._done = True
+            return
+        if len(head) < TRAILER.size:
+            raise self._truncated("no trailer")
+        self._avail = PREFIX
+        self._pending = head
+        self._reader = zstandard.ZstdDecompressor().stream_reader(
+            cast("IO[bytes]", self),  # zstandard calls only read(size)
+            read_size=IN_CHUNK,
+            read_across_frames=True,
+            closefd=False,
+        )
+
+    def _check_trailer(self, data: bytes) -> int:
+        if len(data) != TRAILER.size:
+            raise self._truncated("no trailer")
+        magic, size, ident, length = TRAILER.unpack(data)
+        if (magic, size, ident) != (SKIPPABLE_MAGIC, TRAILER.size - 8, TRAILER_ID):
+            raise self._truncated("no trailer")
+        return int(length)
+
+    def readinto(self, buf: memoryview) -> int:
+        if self._avail < 0:
+            self._start()
+        if self._served < self._avail:
+            n = min(len(buf), self._avail - self._served)
+            buf[:n] = self._prefix[self._served : self._served + n]
+            self._served += n
+            self.length += n
+            return n
+        if self._done or self._reader is None:
+            return 0
+        try:
+            n = self._reader.readinto(buf)
+        except zstandard.ZstdError as exc:
+            raise StreamError(f"{self.label}: the compressed data is damaged: {exc}") from None
+        if n:
+            self.length += n
+            return n
+        # zstd stops quietly at a frame cut short: the trailer proves nothing is missing
+        if not self._inner_eof and self._read_inner():
+            raise StreamError(f"{self.label}: data after the zstd trailer")
+        length = self._check_trailer(self._tail)
+        if length != self.length:
+            raise self._truncated(f"{self.length} of {length} bytes")
+        self._done = True
+        return 0
+
+
+@final
+class ZstdThreadedSource(ThreadedSource):
+    """Restore from a source that reads files: blocking reads, decompressed in the
+    reader thread."""
+
+    def __init__(self, inner: ThreadedSource, label: str) -> None:
+        self._inner = inner
+        self._decoder = _Decoder(inner.read_blocking, label)
+
+    def read_blocking(self, buf: memoryview) -> int:
+        return self._decoder.readinto(buf)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+@final
+class ZstdSource(Source):
+    """Restore from an event-loop source (a pipe, a socket): decompression runs in a
+    worker thread, which reads the inner source back on the event loop."""
+
+    def __init__(self, inner: Source, label: str) -> None:
+        import trio
+
+        self._inner = inner
+
+        def fill(buf: memoryview) -> int:
+            return trio.from_thread.run(inner.readinto, buf)
+
+        self._decoder = _Decoder(fill, label)
+
+    async def readinto(self, buf: memoryview) -> int:
+        import trio
+
+        return await trio.to_thread.run_sync(self._decoder.readinto, buf)
+
+    async def commit(self) -> None:
+        await self._inner.commit()
+
+    async def abort(self) -> None:
+        await self._inner.abort()
+
+
+__all__ = ["PREFIX", "ZstdSink", "ZstdSource", "ZstdThreadedSource", "trailer"]
