@@ -12,7 +12,9 @@ its first 64 KiB.
 
 from __future__ import annotations
 
+import _thread
 import mmap
+import queue
 import struct
 from collections.abc import Callable
 from typing import IO, Final, cast, final
@@ -123,14 +125,78 @@ class ZstdSink(SeekableSink):
 
 
 @final
+class _Prefetcher:
+    """Reads the inner source ahead in a thread of its own, so that the disk works while
+    the reader thread decompresses (zstd's own tool overlaps them the same way)."""
+
+    DEPTH: Final = 4
+
+    def __init__(self, fill: Callable[[memoryview], int]) -> None:
+        self._fill = fill
+        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(self.DEPTH)
+        self._stop = False
+        self._running = _thread.allocate_lock()  # held while the thread runs
+        self._running.acquire()
+        # _thread, not threading.Thread: start() waits for the thread to come up, and a
+        # signal's exception landing in that wait would leave it half started.
+        _thread.start_new_thread(self._run, ())
+
+    def _run(self) -> None:
+        try:
+            buf = mmap.mmap(-1, IN_CHUNK)  # page aligned, for O_DIRECT reads
+            while not self._stop:
+                n = self._fill(memoryview(buf))
+                self._put(buf[:n])
+                if not n:
+                    break
+        except BaseException as exc:
+            self._put(exc.with_traceback(None))
+        finally:
+            self._running.release()
+
+    def _put(self, item: bytes | BaseException) -> None:
+        while not self._stop:
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def get(self) -> bytes:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._stop = True
+            raise item
+        return item
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Stop reading; False when a read still hangs after ``timeout`` seconds (the
+        inner source must then stay open: its descriptor is in use)."""
+        self._stop = True
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        if not self._running.acquire(timeout=timeout):
+            return False
+        self._running.release()
+        return True
+
+
+@final
 class _Decoder:
     """Restore, blocking: the prefix, then the decompressed rest, with ``fill(buf)``
     reading the inner source (into page-aligned buffers of whole 4 KiB blocks, so an
     O_DIRECT source reads them as they are)."""
 
-    def __init__(self, fill: Callable[[memoryview], int], label: str) -> None:
+    def __init__(
+        self, fill: Callable[[memoryview], int], label: str, *, prefetch: bool = False
+    ) -> None:
         self._fill = fill
         self.label = label
+        self._prefetch = prefetch
+        self._prefetcher: _Prefetcher | None = None
         self._prefix = mmap.mmap(-1, PREFIX)
         self._in = mmap.mmap(-1, IN_CHUNK)
         self._avail = -1  # prefix bytes that are stream bytes (-1: not read yet)
@@ -145,10 +211,12 @@ class _Decoder:
     def _read_inner(self) -> bytes:
         if self._inner_eof:
             return b""
-        n = self._fill(memoryview(self._in))
-        if not n:
+        if self._prefetcher is not None:
+            chunk = self._prefetcher.get()
+        else:
+            chunk = self._in[: self._fill(memoryview(self._in))]
+        if not chunk:
             self._inner_eof = True
-        chunk = self._in[:n]
         self._tail = (self._tail + chunk[-TRAILER.size :])[-TRAILER.size :]
         return chunk
 
@@ -169,6 +237,8 @@ class _Decoder:
             got += n
         if got < PREFIX:
             raise self._truncated(f"{got} of the first {PREFIX} bytes")
+        if self._prefetch:
+            self._prefetcher = _Prefetcher(self._fill)
         head = b""
         while len(head) < TRAILER.size and (chunk := self._read_inner()):
             head += chunk
@@ -226,21 +296,28 @@ class _Decoder:
         self._done = True
         return 0
 
+    def close(self) -> bool:
+        """Stop reading ahead; False if the inner source is still in use."""
+        return self._prefetcher is None or self._prefetcher.close()
+
 
 @final
 class ZstdThreadedSource(ThreadedSource):
     """Restore from a source that reads files: blocking reads, decompressed in the
-    reader thread."""
+    reader thread while a thread of its own reads the compressed bytes ahead."""
 
     def __init__(self, inner: ThreadedSource, label: str) -> None:
         self._inner = inner
-        self._decoder = _Decoder(inner.read_blocking, label)
+        self._decoder = _Decoder(inner.read_blocking, label, prefetch=True)
 
     def read_blocking(self, buf: memoryview) -> int:
         return self._decoder.readinto(buf)
 
     def close(self) -> None:
-        self._inner.close()
+        # A read that hangs in the prefetching thread keeps the descriptor: closing it
+        # could let that read land in whatever file reuses the number.
+        if self._decoder.close():
+            self._inner.close()
 
 
 @final
