@@ -17,6 +17,7 @@ import os
 import shlex
 import struct
 import subprocess
+import sys
 import zlib
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,40 @@ CHECKS: tuple[str, ...] = tuple(getattr(testing, "CHECKS", ()))
     "template", ["zstd:odirect:{path}", "zstd,threads=0,level=1:file:{path},format=raw"]
 )
 def test_conformance(template: str, check: str, tmp_path: Path) -> None:
-    testing.run_check(check, testing.PathFactory(template), tmp_path)
+    testing.run_check(check, zstd_factory(template), tmp_path)
+
+
+#: stdin -> a zstd: sink (argv[1]): the suite's stalling writer, encoded on its way
+ENCODE = """
+import os, sys
+from vmtransport import get_registry
+sink = get_registry().resolve(sys.argv[1]).open_sink()
+while chunk := os.read(0, 1 << 20):
+    sink.write(memoryview(chunk))
+sink.commit()
+"""
+
+
+def zstd_factory(template: str) -> Any:
+    """The suite's factory for a path, whose stalled source (a FIFO that the suite's
+    writer feeds bare bytes) gets them compressed: zstd: reads only its own format."""
+
+    class Factory(testing.PathFactory):  # type: ignore[misc]
+        def stalled_source(self, ws: Any) -> Any:
+            fifo = ws.path / "stalled.fifo"
+            os.mkfifo(fifo, 0o600)
+            uri = self.uri(fifo)
+
+            def open_writer() -> int:
+                r, w = os.pipe()
+                proc = subprocess.Popen([sys.executable, "-c", ENCODE, uri], stdin=r)
+                os.close(r)
+                ws.defer(lambda: proc.wait(30))
+                return w
+
+            return testing.Feed(uri, open_writer)
+
+    return Factory(template)
 
 
 def test_found_through_its_entry_point() -> None:

@@ -54,9 +54,12 @@ class ZstdTransport(vmtransport.WrappingTransport):
             )
 
     def open_sink(self) -> vmtransport.Sink:
-        from ._codec import ZstdSink
+        from ._codec import ZstdSink, named
 
-        inner = self.inner.open_sink()
+        try:
+            inner = self.inner.open_sink()
+        except vmtransport.VMTransportError as exc:
+            raise named(str(self.uri), exc) from exc.__cause__
         try:
             return ZstdSink(inner, str(self.uri), self.level, self.threads)
         except BaseException:
@@ -64,17 +67,24 @@ class ZstdTransport(vmtransport.WrappingTransport):
             raise
 
     def open_threaded_source(self) -> vmtransport.ThreadedSource | None:
-        inner = self.inner.open_threaded_source()
+        from ._codec import ZstdThreadedSource, named
+
+        try:
+            inner = self.inner.open_threaded_source()
+        except vmtransport.VMTransportError as exc:
+            raise named(str(self.uri), exc) from exc.__cause__
         if inner is None:
             return None
-        from ._codec import ZstdThreadedSource
 
         return ZstdThreadedSource(inner, str(self.uri))
 
     async def open_source(self) -> vmtransport.Source:
-        from ._codec import ZstdSource, ZstdThreadedSource
+        from ._codec import ZstdSource, ZstdThreadedSource, named
 
-        inner = await self.inner.open_source()
+        try:
+            inner = await self.inner.open_source()
+        except vmtransport.VMTransportError as exc:
+            raise named(str(self.uri), exc) from exc.__cause__
         if isinstance(inner, vmtransport.ThreadedSource):
             return ZstdThreadedSource(inner, str(self.uri))
         return ZstdSource(inner, str(self.uri))
