@@ -356,10 +356,10 @@ ensure_python() {
         log "upgrading pip in $venv"
         quiet_pip "$venv" 'pip>=25'
     fi
-    log "pip install -e '.[test,lint]' ${PYTHON_EXTRA_PACKAGES[*]}"
+    log "pip install -e '.[test,lint,docs]' ${PYTHON_EXTRA_PACKAGES[*]}"
     # editable_mode=compat: a plain path entry instead of setuptools' import-hook finder,
     # which costs ~35 ms at every start of the save helper (QEMU waits on it).
-    quiet_pip "$venv" --config-settings editable_mode=compat -e "$REPO[test,lint]" \
+    quiet_pip "$venv" --config-settings editable_mode=compat -e "$REPO[test,lint,docs]" \
         "${PYTHON_EXTRA_PACKAGES[@]}"
     printf '%s\n' "$want" >"$stamp"
 }
