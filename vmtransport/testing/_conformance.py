@@ -54,7 +54,7 @@ import trio
 from .._errors import TransportError
 from .._pipeline import Pipeline
 from .._registry import Registry, get_registry
-from .._transport import Sink, Source
+from .._transport import Sink, Source, Transport
 
 MIB: Final = 1 << 20
 #: the large input's default size (bytes); ``VMTRANSPORT_CONFORMANCE_SIZE`` overrides it
@@ -174,7 +174,8 @@ class TransportFactory:
         """A source fed by the suite, so that it can stall."""
         return None
 
-    def resolve(self, uri: str) -> object:
+    def resolve(self, uri: str) -> Transport:
+        """The transport for ``uri``, from :attr:`registry`."""
         return (self.registry or get_registry()).resolve(uri)
 
 
@@ -396,8 +397,6 @@ class _Check:
         where = f", input {input}" if input else ""
         return ConformanceFailure(f"[{self.factory.name}] check {self.name!r}{where}: {what}")
 
-    def transport(self, uri: str) -> object:
-        return self.factory.resolve(uri)
 
     async def save(
         self,
@@ -409,10 +408,7 @@ class _Check:
         started: Callable[[Pipeline, _Recorder], None] | None = None,
     ) -> _Recorder:
         """Save ``size`` pattern bytes to ``uri`` through a Pipeline; raise its error."""
-        from .._transport import Transport
-
-        transport = self.transport(uri)
-        assert isinstance(transport, Transport)
+        transport = self.factory.resolve(uri)
         sink = _Recorder(await trio.to_thread.run_sync(transport.open_sink))
         buffer_size, buffers = geometry or (8 * MIB, 8)
         pipeline = Pipeline(
@@ -440,12 +436,9 @@ class _Check:
         progress: Callable[[int], None] | None = None,
     ) -> int:
         """Open ``uri`` and read it as the pipeline does, checking every read against the
-        pattern and the end-of-stream rule; return the bytes read (``size`` unless
-        ``size`` is None-like -1: then as many as came)."""
-        from .._transport import Transport
-
-        transport = self.transport(uri)
-        assert isinstance(transport, Transport)
+        pattern and the end-of-stream rule; return the bytes read. ``size`` -1: any
+        length, contents unchecked (a cancelled save's reader)."""
+        transport = self.factory.resolve(uri)
         source = await transport.open_source()
         ok = False
         try:
@@ -512,8 +505,9 @@ class _Check:
                         break
                 if size >= 0 and total != size:
                     raise self.fail(
-                        f"end-of-stream rule: readinto() returned 0 (end of stream) after "
-                        f"{total} of the {size} bytes saved",
+                        f"readinto() returned 0 (end of stream) after {total} of the "
+                        f"{size} bytes saved: bytes were lost, or the source says the "
+                        "stream ended before it did (b'' means end of stream only)",
                         input,
                     )
                 with memoryview(buf) as again:
@@ -750,8 +744,7 @@ def _errors(c: _Check) -> None:
                 text = str(exc)
                 if uri not in text:
                     raise c.fail(
-                        f"the error does not name the URI {uri!r}: {type(exc).__name__}: "
-                        f"{text}",
+                        f"the error does not name the URI {uri!r}: {type(exc).__name__}: {text}",
                         label,
                     ) from exc
                 if "\n" in text:
@@ -800,21 +793,27 @@ def _event_loop(c: _Check) -> None:
             written.append(exc)
 
     async def body() -> None:
-        late = [0.0]
+        late, last = [0.0], [trio.current_time()]
         thread = threading.Thread(target=writer, daemon=True)
+
+        def tick() -> None:
+            now = trio.current_time()
+            late[0] = max(late[0], now - last[0] - 0.01)
+            last[0] = now
 
         async def heartbeat() -> None:
             while True:
-                t = trio.current_time()
                 await trio.sleep(0.01)
-                late[0] = max(late[0], trio.current_time() - t - 0.01)
+                tick()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(heartbeat)
             await trio.sleep(0.02)
+            last[0] = trio.current_time()
             thread.start()
             with trio.fail_after(60):
                 await c.read_back(feed.uri, size, label)
+            tick()  # a source that never yields starved the heartbeat until now
             nursery.cancel_scope.cancel()
         await trio.to_thread.run_sync(thread.join, 10.0)
         if written:
@@ -854,7 +853,8 @@ def run_check(
     try:
         fn = _FUNCTIONS[name]
     except KeyError:
-        raise ValueError(f"unknown conformance check {name!r} (known: {', '.join(CHECKS)})")
+        known = ", ".join(CHECKS)
+        raise ValueError(f"unknown conformance check {name!r} (known: {known})") from None
     ws = Workspace(Path(workdir) / name)
     try:
         fn(_Check(name, factory, ws, _size_from_env() if size is None else size))
