@@ -360,17 +360,23 @@ def _size_from_env() -> int:
     return value
 
 
-def inputs(size: int) -> list[tuple[str, int]]:
-    """The roundtrip check's inputs: (label, length)."""
+def inputs(size: int) -> list[tuple[str, int, bool]]:
+    """The roundtrip check's inputs: (label, length, written unaligned)."""
     big = size + 12_345  # odd: not a multiple of a page, a buffer or the pattern
     return [
-        ("empty", 0),
-        ("tiny (1 byte)", 1),
-        ("tiny (7 bytes)", 7),
-        ("odd-sized (one page less one byte)", 4095),
-        ("odd-sized (buffers and a page and a byte)", 2 * 8 * MIB + 4097),
-        (f"large ({_human(big)}, streamed)", big),
-    ]
+        ("empty", 0, False),
+        ("tiny (1 byte)", 1, False),
+        ("tiny (7 bytes)", 7, False),
+        ("odd-sized (one page less one byte)", 4095, False),
+        ("odd-sized (buffers and a page and a byte)", 2 * 8 * MIB + 4097, False),
+        ("odd-sized, in unaligned read-only writes (as a restore or copy hands them)",
+         3 * MIB + 12_345, True),
+        (f"large ({_human(big)}, streamed)", big, False),
+    ]  # fmt: skip
+
+
+#: the write sizes of an unaligned save, in turn (each from a view at an odd address)
+_UNALIGNED_WRITES: Final = (1, 4095, 4097, 65_537, 3, MIB + 1)
 
 
 def _human(n: int) -> str:
@@ -393,10 +399,51 @@ class _Check:
         self.size = size
         self.pattern = Pattern()
 
+    async def save_unaligned(self, uri: str, size: int, input: str) -> None:
+        """Save ``size`` pattern bytes to ``uri`` the way a restore or a copy hands them
+        to a sink: read-only views that start at odd addresses, of odd lengths, with no
+        write-behind (the views are not the pipeline's), from one thread."""
+        transport = self.factory.resolve(uri)
+
+        def run() -> None:
+            sink = transport.open_sink()
+            try:
+                pos, i = 0, 0
+                while pos < size:
+                    n = min(_UNALIGNED_WRITES[i % len(_UNALIGNED_WRITES)], size - pos)
+                    chunk = b"\0" + self.pattern.bytes(pos, n)
+                    with memoryview(chunk) as view:
+                        sink.write(view[1:])
+                    pos, i = pos + n, i + 1
+                sink.commit()
+            except BaseException:
+                sink.abort()
+                raise
+
+        await trio.to_thread.run_sync(run)
+
+    async def read_threaded(self, uri: str, size: int, input: str) -> None:
+        """Read ``uri`` back as ``vmtransport restore`` does: a Pipeline from the
+        transport, through its blocking reads when it offers them
+        (:meth:`~vmtransport.Transport.open_threaded_source`: reader threads, several
+        reads at once where the source allows), else its async source."""
+        transport = self.factory.resolve(uri)
+        check = _Comparing(self, size, input + ", read back by a Pipeline")
+        pipeline = Pipeline(transport, check, label=uri)
+        try:
+            await pipeline.run_async()
+        except ConformanceFailure:
+            raise
+        except Exception as exc:
+            raise self.fail(
+                f"reading {uri} back through a Pipeline (as vmtransport restore does) failed: "
+                f"{type(exc).__name__}: {exc}",
+                input,
+            ) from exc
+
     def fail(self, what: str, input: str = "") -> ConformanceFailure:
         where = f", input {input}" if input else ""
         return ConformanceFailure(f"[{self.factory.name}] check {self.name!r}{where}: {what}")
-
 
     async def save(
         self,
@@ -531,7 +578,12 @@ class _Check:
         geometry: tuple[int, int] | None = None,
         throttle: float = 0.0,
         piece: int = _READ,
+        unaligned: bool = False,
+        threaded: bool = False,
     ) -> None:
+        """Save ``size`` bytes into ``channel`` and read them back (while saving, for a
+        concurrent channel); with ``threaded``, read them back once more as ``vmtransport
+        restore`` does."""
         if channel.concurrent:
             async with trio.open_nursery() as nursery:
                 # The source URI may need the sink to be open first (a pipe's far end).
@@ -544,22 +596,70 @@ class _Check:
                     )
 
                 nursery.start_soon(read)
-                await self.save_failing(channel.sink, size, input, geometry)
+                await self.save_failing(channel.sink, size, input, geometry, unaligned)
             return
-        await self.save_failing(channel.sink, size, input, geometry)
+        await self.save_failing(channel.sink, size, input, geometry, unaligned)
         await self.read_back(channel.source_uri(), size, input, throttle=throttle, piece=piece)
+        if threaded:
+            await self.read_threaded(channel.source_uri(), size, input)
 
     async def save_failing(
-        self, uri: str, size: int, input: str, geometry: tuple[int, int] | None
+        self,
+        uri: str,
+        size: int,
+        input: str,
+        geometry: tuple[int, int] | None,
+        unaligned: bool = False,
     ) -> None:
         try:
-            await self.save(uri, size, input, geometry=geometry)
+            if unaligned:
+                await self.save_unaligned(uri, size, input)
+            else:
+                await self.save(uri, size, input, geometry=geometry)
         except ConformanceFailure:
             raise
         except Exception as exc:
             raise self.fail(
                 f"the save to {uri} failed: {type(exc).__name__}: {exc}", input
             ) from exc
+
+
+class _Comparing(Sink):
+    """A sink that checks what it is given against the pattern (a read-back's end)."""
+
+    def __init__(self, check: _Check, size: int, input: str) -> None:
+        self._check = check
+        self._size = size
+        self._input = input
+        self.total = 0
+
+    def write(self, data: memoryview) -> None:
+        n = len(data)
+        if self.total + n > self._size:
+            raise self._check.fail(
+                f"the source returned {self.total + n - self._size} bytes more than the "
+                f"{self._size} saved",
+                self._input,
+            )
+        got, want = bytes(data), self._check.pattern.bytes(self.total, n)
+        if got != want:
+            at = next(i for i in range(n) if got[i] != want[i])
+            raise self._check.fail(
+                f"the bytes differ from what was saved at offset {self.total + at} (read "
+                f"{got[at]:#04x}, saved {want[at]:#04x})",
+                self._input,
+            )
+        self.total += n
+
+    def commit(self) -> None:
+        if self.total != self._size:
+            raise self._check.fail(
+                f"the source ended after {self.total} of the {self._size} bytes saved",
+                self._input,
+            )
+
+    def abort(self) -> None:
+        pass
 
 
 def _run(check: _Check, body: Callable[[], Awaitable[None]]) -> None:
@@ -584,13 +684,18 @@ def _leaf(group: BaseExceptionGroup[ConformanceFailure]) -> ConformanceFailure:
 
 
 def _roundtrip(c: _Check) -> None:
-    for label, length in inputs(c.size):
+    for label, length, unaligned in inputs(c.size):
         ws = Workspace(c.ws.path / f"input-{length}")
         try:
             channel = c.factory.channel(ws)
 
-            async def body(channel: Channel = channel, label: str = label, n: int = length) -> None:
-                await c.roundtrip(channel, n, label)
+            async def body(
+                channel: Channel = channel,
+                label: str = label,
+                n: int = length,
+                unaligned: bool = unaligned,
+            ) -> None:
+                await c.roundtrip(channel, n, label, unaligned=unaligned, threaded=True)
 
             _run(c, body)
         finally:
