@@ -362,7 +362,7 @@ FAILS: dict[str, tuple[str, str]] = {
     "blocks-loop": (
         "event-loop",
         r"check 'event-loop', input a source that stalls 1 s at open and mid-stream: the "
-        r"trio event loop was blocked for [1-9]\.\d\d s",
+        r"trio event loop was blocked for \d\.\d\d s",
     ),
     "bare-oserror": (
         "errors",
