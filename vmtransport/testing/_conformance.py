@@ -422,7 +422,7 @@ class _Check:
 
         await trio.to_thread.run_sync(run)
 
-    async def read_threaded(self, uri: str, size: int, input: str) -> None:
+    async def read_by_pipeline(self, uri: str, size: int, input: str) -> None:
         """Read ``uri`` back as ``vmtransport restore`` does: a Pipeline from the
         transport, through its blocking reads when it offers them
         (:meth:`~vmtransport.Transport.open_threaded_source`: reader threads, several
@@ -601,7 +601,7 @@ class _Check:
         await self.save_failing(channel.sink, size, input, geometry, unaligned)
         await self.read_back(channel.source_uri(), size, input, throttle=throttle, piece=piece)
         if threaded:
-            await self.read_threaded(channel.source_uri(), size, input)
+            await self.read_by_pipeline(channel.source_uri(), size, input)
 
     async def save_failing(
         self,
