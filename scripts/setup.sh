@@ -358,12 +358,12 @@ ensure_python() {
         log "upgrading pip in $venv"
         quiet_pip "$venv" 'pip>=25'
     fi
-    log "pip install -e '.[test,lint]' ${PLUGINS[*]#"$REPO/"} ${PYTHON_EXTRA_PACKAGES[*]}"
+    log "pip install -e '.[test,lint,docs]' ${PLUGINS[*]#"$REPO/"} ${PYTHON_EXTRA_PACKAGES[*]}"
     # editable_mode=compat: a plain path entry instead of setuptools' import-hook finder,
     # which costs ~35 ms at every start of the save helper (QEMU waits on it).
     # The plugins in the same command: pip takes their vmtransport requirement from the
     # checkout, never from an index.
-    quiet_pip "$venv" --config-settings editable_mode=compat -e "$REPO[test,lint]" \
+    quiet_pip "$venv" --config-settings editable_mode=compat -e "$REPO[test,lint,docs]" \
         "${PLUGINS[@]/#/-e}" "${PYTHON_EXTRA_PACKAGES[@]}"
     printf '%s\n' "$want" >"$stamp"
 }

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -188,17 +190,37 @@ async def test_extra_module_round_trip(tmp_path: Path) -> None:
     direction="cli",
     vm="n/a",
     disk="n/a",
-    exit="PluginError",
-    message="'scheme 'file' is claimed by two plugins', both named",
+    exit="left out (strict: PluginError)",
+    message="'plugin ... not loaded: it claims the scheme 'file', which is 'builtin''s'",
 )
 def test_extra_module_claiming_a_builtin_scheme() -> None:
     clash = load_fixture("clash_vmt_plugin")
-    with pytest.raises(PluginError) as info:
-        Registry(entry_points=False, extra=(clash,))
-    msg = str(info.value)
-    assert "scheme 'file' is claimed by two plugins" in msg
-    assert "'builtin' (built-in)" in msg
-    assert "'clash_vmt_plugin' (registered in code)" in msg
+    reg = Registry(entry_points=False, extra=(clash,))
+    assert reg.info("file").plugin == "builtin"  # the built-in keeps it
+    assert [i.scheme for i in reg] == BUILTIN_SCHEMES
+    (failure,) = reg.failures
+    assert str(failure) == (
+        "plugin 'clash_vmt_plugin' (registered in code) not loaded: it claims the scheme "
+        "'file', which is 'builtin''s (built-in)"
+    )
+    assert not reg.plugin_manager.has_plugin("clash_vmt_plugin")
+    with pytest.raises(PluginError, match="it claims the scheme 'file'"):
+        Registry(entry_points=False, extra=(clash,), strict=True)
+
+
+def test_two_plugins_claiming_one_scheme_the_first_keeps_it() -> None:
+    demo = load_fixture("demo_vmt_plugin")
+
+    class Other:
+        @vmtransport.hookimpl
+        def vmtransport_transports(self) -> Sequence[type[Transport]]:
+            return [WrapTransport, type("Xor2", (WrapTransport,), {"scheme": "xor"})]
+
+    reg = Registry(entry_points=False, extra=(demo, Other()))
+    assert reg.info("xor").plugin == "demo_vmt_plugin"
+    assert "wrap" not in reg  # the whole plugin is left out, not half of it
+    assert [f.plugin for f in reg.failures] == ["extra-1"]
+    assert "it claims the scheme 'xor', which is 'demo_vmt_plugin''s" in reg.failures[0].reason
 
 
 @pytest.mark.fault(
@@ -206,7 +228,7 @@ def test_extra_module_claiming_a_builtin_scheme() -> None:
     direction="cli",
     vm="n/a",
     disk="n/a",
-    exit="PluginError",
+    exit="left out (strict: PluginError)",
     message="'unknown hook ...' naming the plugin",
 )
 def test_plugin_with_a_misspelled_hook() -> None:
@@ -215,8 +237,13 @@ def test_plugin_with_a_misspelled_hook() -> None:
         def vmtransport_transport(self) -> Sequence[type[Transport]]:
             return []
 
+    reg = Registry(entry_points=False, extra=(Typo(),))
+    (failure,) = reg.failures
+    assert failure.plugin == "extra-0"
+    assert "unknown hook 'vmtransport_transport'" in failure.reason
+    assert [i.scheme for i in reg] == BUILTIN_SCHEMES
     with pytest.raises(PluginError) as info:
-        Registry(entry_points=False, extra=(Typo(),))
+        Registry(entry_points=False, extra=(Typo(),), strict=True)
     assert "plugin 'extra-0'" in str(info.value)
     assert "unknown hook 'vmtransport_transport'" in str(info.value)
 
@@ -224,9 +251,9 @@ def test_plugin_with_a_misspelled_hook() -> None:
 @pytest.mark.parametrize(
     ("returned", "error"),
     [
-        ([int], r"plugin 'extra-0' returned <class 'int'>, not a Transport"),
-        (FileTransport, r"plugin 'extra-0' returned <class '.*FileTransport'>, not a sequence"),
-        ("file", r"plugin 'extra-0' returned 'file', not a sequence of Transports"),
+        ([int], r"plugin 'extra-0' .* it returned <class 'int'>, not a Transport"),
+        (FileTransport, r"plugin 'extra-0' .* it returned <class '.*FileTransport'>, not a seq"),
+        ("file", r"plugin 'extra-0' .* it returned 'file', not a sequence of Transports"),
     ],
 )
 @pytest.mark.fault(
@@ -234,7 +261,7 @@ def test_plugin_with_a_misspelled_hook() -> None:
     direction="cli",
     vm="n/a",
     disk="n/a",
-    exit="PluginError",
+    exit="left out (strict: PluginError)",
     message="names the plugin and what it returned",
 )
 def test_plugin_returning_something_else(returned: object, error: str) -> None:
@@ -243,8 +270,11 @@ def test_plugin_returning_something_else(returned: object, error: str) -> None:
         def vmtransport_transports(self) -> object:
             return returned
 
+    reg = Registry(entry_points=False, extra=(Bad(),))
+    assert re.match(error, str(reg.failures[0]))
+    assert [i.scheme for i in reg] == BUILTIN_SCHEMES
     with pytest.raises(PluginError, match=error):
-        Registry(entry_points=False, extra=(Bad(),))
+        Registry(entry_points=False, extra=(Bad(),), strict=True)
 
 
 @pytest.mark.fault(
@@ -252,8 +282,8 @@ def test_plugin_returning_something_else(returned: object, error: str) -> None:
     direction="cli",
     vm="n/a",
     disk="n/a",
-    exit="PluginError",
-    message="'plugin ...: vmtransport_transports() failed: <its error>'",
+    exit="left out (strict: PluginError)",
+    message="'plugin ... not loaded: vmtransport_transports() failed: <its error>'",
 )
 def test_plugin_whose_hook_raises() -> None:
     class Broken:
@@ -261,12 +291,12 @@ def test_plugin_whose_hook_raises() -> None:
         def vmtransport_transports(self) -> Sequence[type[Transport]]:
             raise RuntimeError("libzstd.so.1: cannot open shared object file")
 
-    with pytest.raises(PluginError) as info:
-        Registry(entry_points=False, extra=(Broken(),))
-    assert str(info.value) == (
-        "plugin 'extra-0': vmtransport_transports() failed: "
+    reg = Registry(entry_points=False, extra=(Broken(),))
+    assert [str(f) for f in reg.failures] == [
+        "plugin 'extra-0' (registered in code) not loaded: vmtransport_transports() failed: "
         "libzstd.so.1: cannot open shared object file"
-    )
+    ]
+    assert reg.resolve("file:/x").uri.target == "/x"  # everything else works
 
 
 # --- pluggy's hook caller: wrappers, tracing, monitoring, blocking ------------------------
@@ -557,27 +587,30 @@ def test_cli_disable_plugins_hides_it(demo_site: Path, tmp_path: Path) -> None:
     "installed plugin claiming file:",
     direction="cli",
     vm="n/a",
-    disk="nothing created",
-    exit="1",
-    message="one line: 'scheme 'file' is claimed by two plugins', both named",
+    disk="the built-in file: writes it",
+    exit="0 (the plugin left out)",
+    message="one warning: 'plugin 'demo' (...) not loaded: it claims the scheme 'file', ...'",
 )
 def test_cli_plugin_claiming_file_is_refused(clash_site: Path, tmp_path: Path) -> None:
     env = env_with(clash_site)
+    payload = bytes(SyntheticStream(700, seed=5))
     for args in (("plugins",), ("save", f"file:{tmp_path / 'x'}")):
-        r = vmt(*args, env=env, input=b"data")
-        assert r.returncode == 1
+        r = vmt(*args, env=env, input=payload)
+        assert r.returncode == 0, r.stderr
         lines = r.stderr.decode().splitlines()
-        assert len(lines) == 1, lines
-        msg = lines[0]
-        assert msg.startswith("vmtransport: error: ")
-        assert "scheme 'file' is claimed by two plugins" in msg
-        assert "'builtin' (built-in)" in msg
-        assert "'demo' (entry point demo (clash-plugin 1.0))" in msg
-        assert b"Traceback" not in r.stderr
-    assert not (tmp_path / "x").exists()
-    # The way out the error leaves: disable the offending plugin.
+        assert lines == [
+            "vmtransport: WARNING: plugin 'demo' (entry point demo (clash-plugin 1.0)) not "
+            "loaded: it claims the scheme 'file', which is 'builtin''s (built-in)"
+        ], lines
+    assert (tmp_path / "x").stat().st_size > len(payload)  # an image, by the built-in
+    r = vmt("plugins", "--json", env=env)
+    doc = json.loads(r.stdout)
+    demo = next(p for p in doc["plugins"] if p["name"] == "demo")
+    assert demo["loaded"] is False and demo["version"] == "1.0"
+    assert "it claims the scheme 'file'" in demo["reason"]
+    # Disabling it: no warning.
     r = vmt("plugins", env=env_with(clash_site, VMTRANSPORT_DISABLE_PLUGINS="demo"))
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0 and r.stderr == b"", r.stderr
 
 
 @pytest.mark.fault(
@@ -585,20 +618,38 @@ def test_cli_plugin_claiming_file_is_refused(clash_site: Path, tmp_path: Path) -
     direction="cli",
     vm="n/a",
     disk="n/a",
-    exit="1",
-    message="one line: 'cannot load plugin ...', the ImportError",
+    exit="0 (the plugin left out)",
+    message="one warning: 'plugin 'broken' (...) not loaded: cannot import ...', the ImportError",
 )
-def test_cli_plugin_that_cannot_be_imported(tmp_path: Path) -> None:
-    site = tmp_path / "site"
-    info = site / "broken_plugin-2.0.dist-info"
+def test_cli_plugin_that_cannot_be_imported(demo_site: Path, tmp_path: Path) -> None:
+    info = demo_site / "broken_plugin-2.0.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 2.0\n")
     (info / "entry_points.txt").write_text("[vmtransport]\nbroken = no_such_module_vmt\n")
-    r = vmt("plugins", env=env_with(site))
-    assert r.returncode == 1
-    lines = r.stderr.decode().splitlines()
-    assert len(lines) == 1, lines
-    assert "cannot load plugin 'broken' (no_such_module_vmt)" in lines[0]
-    assert "No module named 'no_such_module_vmt'" in lines[0]
-    r = vmt("plugins", env=env_with(site, VMTRANSPORT_DISABLE_PLUGINS="broken"))
+    try:
+        r = vmt("plugins", env=env_with(demo_site))
+        assert r.returncode == 0, r.stderr
+        lines = r.stderr.decode().splitlines()
+        assert len(lines) == 1, lines  # reported once
+        assert "plugin 'broken' (entry point broken (broken-plugin 2.0)) not loaded" in lines[0]
+        assert "cannot import no_such_module_vmt: No module named 'no_such_module_vmt'" in lines[0]
+        assert b"xor:" in r.stdout  # every other plugin still works
+        assert b"not loaded: broken" in r.stdout
+        r = vmt("plugins", env=env_with(demo_site, VMTRANSPORT_DISABLE_PLUGINS="broken"))
+        assert r.returncode == 0 and r.stderr == b"", r.stderr
+    finally:
+        shutil.rmtree(info)
+
+
+def test_cli_plugins_json(demo_site: Path) -> None:
+    r = vmt("plugins", "--json", env=env_with(demo_site))
     assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["schema"] == "vmtransport-plugins/1"
+    by_name = {p["name"]: p for p in doc["plugins"]}
+    assert by_name["builtin"]["origin"] == "built-in"
+    assert [s["scheme"] for s in by_name["builtin"]["schemes"]] == BUILTIN_SCHEMES
+    demo = by_name["demo"]
+    assert demo["version"] == "1.0" and demo["loaded"] is True
+    assert demo["origin"] == "entry point demo (demo-plugin 1.0)"
+    assert [s["scheme"] for s in demo["schemes"]] == ["xor"]

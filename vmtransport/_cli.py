@@ -128,18 +128,41 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="the documented JSON document")
     v = sub.add_parser("verify", help="exit 0 only for a complete image whose checksum matches")
     v.add_argument("image", metavar="IMAGE|URI")
-    sub.add_parser("plugins", help="list the URI schemes and the plugins providing them")
+    pl = sub.add_parser("plugins", help="list the URI schemes and the plugins providing them")
+    pl.add_argument("--json", action="store_true", help="the documented JSON document")
     return p
 
 
-def _plugins() -> None:
+def _plugins(as_json: bool) -> None:
     from ._registry import get_registry
 
-    rows = [(i.scheme + ":", i.plugin, i.origin, i.transport.summary) for i in get_registry()]
+    registry = get_registry()
+    if as_json:
+        import json
+
+        plugins: dict[str, dict[str, object]] = {}
+        for i in registry:
+            entry = plugins.setdefault(i.plugin, {
+                "name": i.plugin, "version": registry.versions.get(i.plugin),
+                "origin": i.origin, "loaded": True, "schemes": [],
+            })  # fmt: skip
+            schemes = entry["schemes"]
+            assert isinstance(schemes, list)
+            schemes.append({"scheme": i.scheme, "summary": i.transport.summary})
+        failed: list[dict[str, object]] = [
+            {"name": f.plugin, "version": registry.versions.get(f.plugin), "origin": f.origin,
+             "loaded": False, "schemes": [], "reason": f.reason}
+            for f in registry.failures
+        ]  # fmt: skip
+        doc = {"schema": "vmtransport-plugins/1", "plugins": [*plugins.values(), *failed]}
+        _print(json.dumps(doc, indent=2))
+        return
+    rows = [(i.scheme + ":", i.plugin, i.origin, i.transport.summary) for i in registry]
     w = [max(len(r[k]) for r in rows) for k in range(3)]
     lines = []
     for r in rows:
         lines.append(f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]}".rstrip())
+    lines.extend(f"not loaded: {f.plugin} ({f.origin}): {f.reason}" for f in registry.failures)
     _print("\n".join(lines))
 
 
@@ -331,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.setswitchinterval(0.0002)
             reader = _stdin_reader(args)
         if args.command == "plugins":
-            _plugins()
+            _plugins(args.json)
             return 0
         if args.command == "inspect":
             from ._inspect import describe, render

@@ -4,6 +4,11 @@
 those names in the plugin manager (``pm.set_blocked``): their modules are never
 imported, e.g. to rule one out when debugging. The built-ins cannot be blocked.
 
+A broken plugin never takes the others down: one that fails to import or register,
+whose hook fails or returns something else than Transports, or that claims a scheme
+already taken (the built-ins' first) is left out whole, reported once with its name and
+the reason (a warning; ``vmtransport plugins`` lists it), and everything else works.
+
 Entry points are found by reading ``*.dist-info/entry_points.txt`` on ``sys.path``
 directly rather than through ``importlib.metadata``, whose import costs more than
 building the whole registry: a save helper's start-up time is time QEMU spends blocked
@@ -22,10 +27,11 @@ from typing import NamedTuple
 
 import pluggy
 
-from . import _hookspecs
+from . import _hookspecs, _log
 from ._errors import PluginError, URIError
 from ._transport import Transport, _resolving
 from ._uri import split_scheme
+from ._version import __version__
 
 
 class EntryPoint(NamedTuple):
@@ -112,12 +118,30 @@ class TransportInfo(NamedTuple):
     origin: str  #: "built-in", "registered in code" or "entry point NAME (DIST VERSION)"
 
 
+class PluginFailure(NamedTuple):
+    """A plugin the registry left out, and why (see :attr:`Registry.failures`)."""
+
+    plugin: str  #: its name (the entry point's, or the registered one)
+    origin: str  #: as :attr:`TransportInfo.origin`
+    reason: str  #: one line: the error
+
+    def __str__(self) -> str:
+        return f"plugin {self.plugin!r} ({self.origin}) not loaded: {self.reason}"
+
+
 class Registry:
     """The known schemes. Build one with :func:`get_registry` (cached) or directly.
 
     ``extra`` plugins are registered after the built-ins, before the entry points.
     ``plugin_manager``, a fresh ``pluggy.PluginManager("vmtransport")``, lets the caller
     set up tracing, hook-call monitoring or blocked names before the hooks are called.
+
+    A plugin that cannot be imported or registered, whose hook fails or returns
+    something other than Transports, or that claims a scheme already taken (a built-in
+    one, or another plugin's: the first keeps it) is left out whole, and every other
+    transport works; :attr:`failures` says which and why (:func:`get_registry` warns
+    once per process). ``strict=True`` raises :class:`~vmtransport.PluginError` for the
+    first one instead (for a plugin's own tests).
     """
 
     def __init__(
@@ -126,6 +150,7 @@ class Registry:
         entry_points: bool = True,
         extra: tuple[object, ...] = (),
         plugin_manager: pluggy.PluginManager | None = None,
+        strict: bool = False,
     ) -> None:
         from .transports import _builtin
 
@@ -137,17 +162,21 @@ class Registry:
         pm.add_hookspecs(_hookspecs)
         if pm.register(_builtin, name="builtin") is None:
             raise PluginError("the built-in transports cannot be blocked")
-        origins = {"builtin": "built-in"}  # the rest: entry points, else registered in code
-        for i, plugin in enumerate(extra):
-            pm.register(plugin, name=getattr(plugin, "__name__", f"extra-{i}"))
-        if entry_points:
-            self._load_entry_points(pm, origins)
-        try:
-            pm.check_pending()  # a hook name no spec knows (a typo) in any plugin
-        except pluggy.PluginValidationError as exc:
-            name = pm.get_name(exc.plugin) or repr(exc.plugin)
-            raise PluginError(f"plugin {name!r}: {exc}") from exc
         self._pm = pm
+        self._strict = strict
+        self.failures: list[PluginFailure] = []  #: plugins left out, in the order found
+        self._origins = {"builtin": "built-in"}  # the rest: entry points, else in code
+        #: plugin name -> its distribution's version (entry points; the built-ins: ours)
+        self.versions: dict[str, str] = {"builtin": __version__}
+        for i, plugin in enumerate(extra):
+            name = getattr(plugin, "__name__", f"extra-{i}")
+            try:
+                pm.register(plugin, name=name)
+            except Exception as exc:  # pluggy.PluginValidationError: a bad hook signature
+                self._fail(name, f"cannot register it: {exc}", exc)
+        if entry_points:
+            self._load_entry_points()
+        self._check_hook_names()
         self._schemes: dict[str, TransportInfo] = {}
         # One call per providing plugin, through pluggy's hook caller with the other
         # providers left out (wrappers stay in), so each scheme is attributed to its plugin.
@@ -162,20 +191,66 @@ class Registry:
             call = pm.subset_hook_caller(hook, [p for p in providers if p is not plugin])
             try:
                 results: list[object] = call(plugin_name=name)
+                infos = self._infos(name, results)
             except Exception as exc:
-                raise PluginError(f"plugin {name!r}: {hook}() failed: {exc}") from exc
-            for result in results:
-                if isinstance(result, str) or not isinstance(result, Sequence):
-                    raise PluginError(
-                        f"plugin {name!r} returned {result!r}, not a sequence of Transports"
-                    )
-                for cls in result:
-                    scheme = getattr(cls, "scheme", "?")  # _add refuses what is no Transport
-                    origin = origins.get(name, "registered in code")
-                    self._add(TransportInfo(scheme, cls, name, origin))
+                if name == "builtin":
+                    raise
+                reason = str(exc) if isinstance(exc, PluginError) else f"{hook}() failed: {exc}"
+                self._fail(name, reason, exc)
+                continue
+            clash = next((i for i in infos if i.scheme in self._schemes), None)
+            if clash is not None:
+                old = self._schemes[clash.scheme]
+                self._fail(
+                    name,
+                    f"it claims the scheme {clash.scheme!r}, which is {old.plugin!r}'s "
+                    f"({old.origin})",
+                    None,
+                )
+                continue
+            for info in infos:
+                self._schemes[info.scheme] = info
 
-    @staticmethod
-    def _load_entry_points(pm: pluggy.PluginManager, origins: dict[str, str]) -> None:
+    def _fail(self, name: str, reason: str, exc: BaseException | None) -> None:
+        """Leave plugin ``name`` out (or, strict, raise)."""
+        failure = PluginFailure(name, self._origins.get(name, "registered in code"), reason)
+        if self._strict:
+            raise PluginError(str(failure)) from exc
+        self.failures.append(failure)
+        if self._pm.has_plugin(name):
+            self._pm.unregister(name=name)
+
+    def _check_hook_names(self) -> None:
+        """A hook name no spec knows (a typo) leaves its plugin out."""
+        while True:
+            try:
+                self._pm.check_pending()
+                return
+            except pluggy.PluginValidationError as exc:
+                name = self._pm.get_name(exc.plugin) or repr(exc.plugin)
+                if name == "builtin":
+                    raise
+                self._fail(name, str(exc), exc)
+
+    def _infos(self, name: str, results: list[object]) -> list[TransportInfo]:
+        """What plugin ``name``'s hook call returned, checked."""
+        infos = []
+        for result in results:
+            if isinstance(result, str) or not isinstance(result, Sequence):
+                raise PluginError(f"it returned {result!r}, not a sequence of Transports")
+            for cls in result:
+                if not (isinstance(cls, type) and issubclass(cls, Transport)):
+                    raise PluginError(f"it returned {cls!r}, not a Transport")
+                origin = self._origins.get(name, "registered in code")
+                infos.append(TransportInfo(cls.scheme, cls, name, origin))
+        schemes = [i.scheme for i in infos]
+        twice = next((s for s in schemes if schemes.count(s) > 1), None)
+        if twice is not None:
+            raise PluginError(f"it returned the scheme {twice!r} twice")
+        return infos
+
+    def _load_entry_points(self) -> None:
+        pm = self._pm
         found = find_entry_points(_hookspecs.PROJECT)
         disabled = {n.strip() for n in os.environ.get("VMTRANSPORT_DISABLE_PLUGINS", "").split(",")}
         if "all" in disabled:
@@ -186,25 +261,17 @@ class Registry:
         for ep in found:
             if pm.is_blocked(ep.name) or pm.has_plugin(ep.name):
                 continue
-            plugin = ep.load()
+            self._origins[ep.name] = f"entry point {ep.name} ({ep.dist} {ep.version})"
+            self.versions[ep.name] = ep.version
+            try:
+                plugin = ep.load()
+            except PluginError as exc:
+                self._fail(ep.name, f"cannot import {ep.value}: {exc.__cause__ or exc}", exc)
+                continue
             try:
                 pm.register(plugin, name=ep.name)
             except Exception as exc:  # pluggy.PluginValidationError...
-                raise PluginError(f"cannot load plugin {ep.name!r} ({ep.value}): {exc}") from exc
-            origins[ep.name] = f"entry point {ep.name} ({ep.dist} {ep.version})"
-
-    def _add(self, info: TransportInfo) -> None:
-        if not (isinstance(info.transport, type) and issubclass(info.transport, Transport)):
-            raise PluginError(
-                f"plugin {info.plugin!r} returned {info.transport!r}, not a Transport"
-            )
-        old = self._schemes.get(info.scheme)
-        if old is not None:
-            raise PluginError(
-                f"scheme {info.scheme!r} is claimed by two plugins: {old.plugin!r} "
-                f"({old.origin}) and {info.plugin!r} ({info.origin})"
-            )
-        self._schemes[info.scheme] = info
+                self._fail(ep.name, f"cannot register {ep.value}: {exc}", exc)
 
     def __iter__(self) -> Iterator[TransportInfo]:
         return iter(sorted(self._schemes.values(), key=lambda i: i.scheme))
@@ -247,5 +314,9 @@ class Registry:
 
 @functools.cache
 def get_registry() -> Registry:
-    """The process-wide registry: built-ins plus installed entry points."""
-    return Registry()
+    """The process-wide registry: built-ins plus installed entry points. A plugin left
+    out is reported once, here, as a warning naming it and the reason."""
+    registry = Registry()
+    for failure in registry.failures:
+        _log.warning("%s", failure)
+    return registry

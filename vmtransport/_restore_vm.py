@@ -18,6 +18,7 @@ Once QEMU reports ``completed``, the VM runs or stays paused as the image record
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -62,7 +63,7 @@ from ._progress import Reporter
 from ._registry import Registry
 from ._transport import Transport
 from ._usecases import RestorePipeline, restore_pipeline
-from .qmp import QMPClient
+from .qmp import EventListener, QMPClient
 
 RunState = Literal["running", "paused"]
 STATES: Final = ("running", "paused")
@@ -359,8 +360,11 @@ class _Session:
         self.progress: Reporter | None = None
         #: hands QEMU the pipe once the first buffer is ready
         self.hand_over: Callable[[], Awaitable[None]] = self._hand_over
-        # From the start: QEMU says so while it loads the stream.
-        self.negotiated = client.listen("FAILOVER_NEGOTIATED")
+        # From the start: QEMU says so while it loads the stream. (None: the monitor
+        # is gone already, as after QEMU refused the stream: the load is what fails.)
+        self.negotiated: EventListener | None = None
+        with contextlib.suppress(QMPConnectionError):
+            self.negotiated = client.listen("FAILOVER_NEGOTIATED")
         self.failover_timeout = FAILOVER_TIMEOUT
 
     def close_r(self) -> None:
@@ -385,7 +389,7 @@ class _Session:
             raise
         finally:
             self.close_r()
-            if self.stats is None:
+            if self.stats is None and self.negotiated is not None:
                 self.negotiated.close()
         assert self.stats is not None
         client = self.client
@@ -408,7 +412,8 @@ class _Session:
                 self.report("the VM is loaded, its run state as QEMU reports it")
             raise
         finally:
-            self.negotiated.close()
+            if self.negotiated is not None:
+                self.negotiated.close()
         return RestoreResult(
             uri,
             self.stats,
@@ -454,7 +459,10 @@ class _Session:
             if not missing or trio.current_time() >= deadline:
                 break
             with trio.move_on_after(min(0.1, deadline - trio.current_time())):
-                await self.negotiated.receive()  # FAILOVER_NEGOTIATED wakes us at once
+                if self.negotiated is not None:  # FAILOVER_NEGOTIATED wakes us at once
+                    await self.negotiated.receive()
+                else:
+                    await trio.sleep_forever()
         if missing:
             ids = ", ".join(missing)
             if self.progress is not None:
