@@ -71,6 +71,7 @@ class VerifyingReader(Sink):
         self._setup: tuple[int, str] | None = None
         self._setup_buf = bytearray()
         self._held = Holdback()
+        self._pending = bytearray()  # bytes not yet followed by the parser (see _route)
         self._forwarded = 0
         self._gone: TransportError | None = None  # the consumer stopped reading
         self._decomp: Decompressor | None = None
@@ -212,14 +213,35 @@ class VerifyingReader(Sink):
         if self._held:
             self._held.append(data)
             return
+        if self._pending:
+            # What the parser had not followed at the last buffer's end (an element cut
+            # by the buffer: a few KiB at most) goes first, as far as it is followed now.
+            pending, self._pending = self._pending, bytearray()
+            self._route_one(start - len(pending), memoryview(pending))
+            if self._held:
+                self._held.append(data)
+                return
+            if self._pending:  # still not followed: this element spans data too
+                self._pending += data
+                return
+        self._route_one(start, data)
+
+    def _route_one(self, start: int, data: memoryview) -> None:
         limit = self.parser.held_from
         if self._eof_limit is not None and (limit is None or self._eof_limit < limit):
             limit = self._eof_limit
         cut = len(data) if limit is None else max(0, min(len(data), limit - start))
-        if cut:
-            self._forward(data[:cut])
-        if cut < len(data):
-            self._held.append(data[cut:])
+        # Not past what the parser has followed: an element it has only begun (a stream
+        # cut inside a section header, say) is not QEMU's before the parser knows it.
+        followed = cut
+        if not self._parser_failed:  # (failed: the restore fails; inspect forwards nowhere)
+            followed = max(0, min(cut, self.parser.offset - start))
+        if followed:
+            self._forward(data[:followed])
+        if cut < len(data):  # holding starts here: the rest, unfollowed bytes included
+            self._held.append(data[followed:])
+        elif followed < len(data):
+            self._pending = bytearray(data[followed:])
 
     def _forward(self, data: memoryview) -> None:
         if self._gone is not None:
@@ -273,6 +295,9 @@ class VerifyingReader(Sink):
         # The end is parsed, and refused if wrong (cut, or followed by a second stream),
         # before QEMU is given any of it.
         self._close_parser()
+        if self._pending:  # proven whole: what waited for the parser goes before the rest
+            self._forward(memoryview(self._pending))
+            self._pending = bytearray()
         self._held.replay(self._forward)
         proven = "its checksum holds" if self.checksum_ok else "its structure holds"
         if self._gone is not None:

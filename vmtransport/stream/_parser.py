@@ -339,6 +339,10 @@ class StreamParser(RAMParser, DeviceParser):
                 self._start_opaque(None, base + pos + 5)
             return pos + 5
         if kind == SEC_START or kind == SEC_FULL:
+            if kind == SEC_FULL:
+                # Never RAM (RAM is START/PART/END): held from its type byte, even while
+                # its header is still incomplete (a stream cut there must not pass it).
+                self._hold(base + pos)
             hdr = section_header(mv, pos, end, base)
             if hdr is None:
                 return pos
