@@ -72,7 +72,7 @@ HOLD_BANDWIDTH_MIN: Final = 1 << 20
 MAX_DOWNTIME: Final = 2_000_000
 #: The parameters set once the VM is stopped.
 AFTER_STOP: Final = {"downtime-limit": MAX_DOWNTIME}
-#: Seconds a guest gets to unplug a failover primary (a Linux guest takes ~1 s).
+#: Seconds a guest gets to unplug a failover primary; generous: a real guest was not measured here.
 UNPLUG_TIMEOUT: Final = 30.0
 #: Seconds QEMU may stay in ``cancelling``: a cancel while the guest was asked to unplug
 #: a primary waits for that unplug to end (QEMU gives the guest about 20 s more), then
