@@ -71,11 +71,16 @@ async def find_pairs(client: QMPClient) -> list[FailoverPair]:
     """The VM's failover pairs: every standby with ``failover=on``, and its primary if
     QEMU created it."""
     devices = await _devices(client)
-    standbys: list[str] = []
+    standbys = [
+        name
+        for name, path, kind in devices
+        if kind.startswith("virtio-net") and await _get(client, path, "failover") is True
+    ]
+    if not standbys:  # the common case: no device is asked for a pair id
+        return []
     primaries: dict[str, tuple[str, str]] = {}  # standby id -> (primary name, path)
-    for name, path, kind in devices:
-        if kind.startswith("virtio-net") and await _get(client, path, "failover") is True:
-            standbys.append(name)
+    for name, path, _ in devices:
+        if name in standbys:
             continue
         pair_id = await _get(client, path, "failover_pair_id")
         if isinstance(pair_id, str) and pair_id:

@@ -445,6 +445,9 @@ class _Session:
             if isinstance(p, Mapping) and isinstance(p.get("primary"), str)
         ]
         plugged: list[str] = []
+        negotiated = self.negotiated is not None and self.negotiated.get_nowait() is not None
+        if not wanted and not negotiated:
+            return (), ()  # no pair named, none negotiated: nothing to look for
         deadline = trio.current_time() + self.failover_timeout
         while True:
             for pair in await find_pairs(self.client):
